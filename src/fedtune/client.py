@@ -1,0 +1,120 @@
+"""The client half of a round: receive an adapter, train locally, send the update back.
+
+One frozen base model (with its peft wrapper) is shared by every simulated client in a process
+(FS-LLM's round-robin sharing): a client swaps its adapter tensors and optimizer state in, trains,
+and swaps them out. What persists per client lives in a :class:`~fedtune.state.ClientStateStore`,
+so the memory per extra client is its stored state, not another model. A networked client runs
+exactly this class with a store of one.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+
+from fedtune.adapters import get_adapter_state, set_adapter_state, trainable_parameters
+from fedtune.algorithms import Algorithm
+from fedtune.config import Config
+from fedtune.messages import Message
+from fedtune.state import ClientStateStore, optimizer_from_state, optimizer_to_state
+from fedtune.training import BatchStream, evaluate_loss, make_optimizer, train_local
+from fedtune.utils import derive_seed
+
+
+@dataclass
+class ClientRuntime:
+    """What all clients in one process share: the model and how to train it."""
+
+    model: torch.nn.Module  # PeftModel over the frozen base
+    pad_id: int
+    cfg: Config
+    device: torch.device
+    algorithm: Algorithm
+    store: ClientStateStore
+
+
+def steps_per_round(cfg: Config, num_train: int) -> int:
+    t = cfg.train
+    if t.local_epochs is None:
+        return t.local_steps
+    return max(1, math.ceil(t.local_epochs * num_train / (t.batch_size * t.grad_accum)))
+
+
+class FedClient:
+    """One client: its own tokenised splits plus the shared runtime."""
+
+    def __init__(self, cid: str, rt: ClientRuntime, train=None, val=None, test=None):
+        self.cid, self.rt = cid, rt
+        self.splits = {"train": train, "val": val, "test": test}
+
+    @property
+    def num_train(self) -> int:
+        return len(self.splits["train"]) if self.splits["train"] is not None else 0
+
+    def fit(self, msg: Message) -> Message:
+        """Train on the received adapter; return the new adapter tensors and metrics."""
+        rt, cfg = self.rt, self.rt.cfg
+        rnd = int(msg.config.get("round", 0))
+        data = self.splits["train"]
+        state = rt.store.get(self.cid)
+        set_adapter_state(rt.model, msg.tensors)
+        params = [p for _, p in trainable_parameters(rt.model)]
+        optimizer = make_optimizer(params, cfg.train)
+        opt_tensors = state.group("opt")
+        if cfg.train.keep_optimizer_state and opt_tensors:
+            optimizer_from_state(optimizer, opt_tensors, state.meta["opt"])
+        stream = BatchStream(data.lengths, cfg.train.batch_size, derive_seed(cfg.seed, "data", self.cid),
+                             cfg.train.group_by_length, **state.meta.get("stream", {}))
+        steps = steps_per_round(cfg, len(data))
+        start = int(state.meta.get("step", 0))
+        extra = rt.algorithm.extra_loss(msg.tensors, state)
+        scaler = None
+        if cfg.train.precision == "fp16":
+            scaler = torch.amp.GradScaler(rt.device.type)
+        # Dropout and any other torch randomness: a seed of (run, round, client), so a resumed
+        # run and an uninterrupted one draw the same numbers whatever the client order.
+        torch.manual_seed(derive_seed(cfg.seed, "train", rnd, self.cid))
+        stats = train_local(
+            rt.model, data, stream, optimizer, cfg.train, steps=steps, start_step=start,
+            total_steps=cfg.fl.rounds * steps, pad_id=rt.pad_id, device=rt.device,
+            extra_loss=extra, scaler=scaler,
+        )
+        local = get_adapter_state(rt.model)
+        rt.algorithm.after_local_train(msg.tensors, local, state)
+        state.meta["step"] = start + stats.steps
+        state.meta["stream"] = stream.state()
+        if cfg.train.keep_optimizer_state:
+            tensors, meta = optimizer_to_state(optimizer)
+            state.set_group("opt", tensors)
+            state.meta["opt"] = meta
+        rt.store.put(self.cid, state)
+        metrics = {
+            "train_loss": stats.loss, "train_label_tokens": stats.label_tokens, "train_tokens": stats.tokens,
+            "train_examples": stats.examples, "steps": stats.steps, "skipped_nonfinite": stats.skipped_nonfinite,
+            "train_seconds": stats.seconds, "lr": stats.lr, "num_train": len(data),
+            "tokens_per_s": stats.tokens / stats.seconds if stats.seconds > 0 else 0.0,
+        }
+        if msg.config.get("eval_local"):
+            metrics.update(self._eval_splits(["val"], prefix="local_"))
+        return Message(tensors=local, metrics=metrics)
+
+    def _eval_splits(self, splits: list[str], prefix: str = "") -> dict[str, float]:
+        rt = self.rt
+        out: dict[str, float] = {}
+        for split in splits:
+            data = self.splits.get(split)
+            if data is None or len(data) == 0:
+                continue
+            loss_sum, n = evaluate_loss(rt.model, data, batch_size=rt.cfg.eval.batch_size, pad_id=rt.pad_id,
+                                        device=rt.device, precision=rt.cfg.train.precision)
+            out[f"{prefix}{split}_loss_sum"] = loss_sum
+            out[f"{prefix}{split}_tokens"] = n
+        return out
+
+    def evaluate(self, msg: Message) -> Message:
+        """Loss of the received adapter on this client's val/test splits (sums, for exact pooling)."""
+        set_adapter_state(self.rt.model, msg.tensors)
+        splits = msg.config.get("splits", ["val", "test"])
+        return Message(metrics=self._eval_splits(splits))

@@ -1,0 +1,199 @@
+"""The server half: one federated round you can read top to bottom (Flower ``Strategy.start``).
+
+sample → broadcast → collect → aggregate → evaluate → log → checkpoint.
+
+Scenarios (FS-LLM §6.1): ``fed`` and ``global`` keep one global adapter (``global`` simply has a
+single client holding all data); ``local`` keeps one adapter per client and never aggregates.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from fedtune.algorithms import Algorithm, ClientUpdate
+from fedtune.checkpoint import save_checkpoint
+from fedtune.config import Config
+from fedtune.messages import Message
+from fedtune.metrics import MetricsLogger, gpu_peak_mb, peak_rss_mb
+from fedtune.state import ClientStateStore
+from fedtune.transport import Reply, Transport
+from fedtune.utils import derive_seed
+
+log = logging.getLogger(__name__)
+
+GLOBAL = "global"
+TensorDict = dict[str, torch.Tensor]
+
+
+@dataclass
+class RoundHooks:
+    """Named points where cross-cutting concerns attach (progress bars, printing, plots)."""
+
+    on_round_start: Callable[[int, list[str]], None] | None = None
+    on_reply: Callable[[str, Reply], None] | None = None
+    on_round_end: Callable[[int, dict[str, Any], list[dict[str, Any]]], None] | None = None
+
+
+@dataclass
+class Server:
+    cfg: Config
+    algorithm: Algorithm
+    transport: Transport
+    train_clients: list[str]  # who trains
+    eval_clients: list[str]  # on whose data adapters are evaluated
+    num_train: dict[str, int]
+    models: dict[str, TensorDict]  # GLOBAL -> adapter, or cid -> adapter (local scenario)
+    store: ClientStateStore
+    logger: MetricsLogger
+    run_dir: Path
+    save_adapters: Callable[[int, dict[str, TensorDict], bool], None]
+    hooks: RoundHooks = field(default_factory=RoundHooks)
+
+    @property
+    def local(self) -> bool:
+        return self.cfg.fl.scenario == "local"
+
+    def model_for(self, cid: str) -> TensorDict:
+        return self.models[cid] if self.local else self.models[GLOBAL]
+
+    def expect(self) -> dict[str, tuple[tuple[int, ...], torch.dtype]]:
+        ref = next(iter(self.models.values()))
+        return {k: (tuple(v.shape), v.dtype) for k, v in ref.items()}
+
+    # ---- the round ---------------------------------------------------------------------
+    def sample(self, rnd: int) -> list[str]:
+        c, n = self.cfg.fl.clients_per_round, len(self.train_clients)
+        if c is None or self.local:
+            return list(self.train_clients)
+        k = max(1, math.ceil(c * n)) if isinstance(c, float) else min(int(c), n)
+        rng = np.random.default_rng(derive_seed(self.cfg.seed, "sample", rnd))
+        picked = set(rng.choice(n, size=k, replace=False).tolist())
+        return [cid for i, cid in enumerate(self.train_clients) if i in picked]
+
+    def run_round(self, rnd: int) -> dict[str, Any]:
+        t0 = time.perf_counter()
+        sampled = self.sample(rnd)
+        if self.hooks.on_round_start:
+            self.hooks.on_round_start(rnd, sampled)
+        eval_due = self.eval_due(rnd)
+        fit_config = {"round": rnd, "eval_local": eval_due and self.cfg.eval.local_models}
+        if self.local:
+            ins = {cid: Message(self.models[cid], config=fit_config) for cid in sampled}
+        else:
+            broadcast = Message(self.models[GLOBAL], config=fit_config)
+            ins = {cid: broadcast for cid in sampled}
+        replies = self.transport.send("fit", ins, expect=self.expect(),
+                                      on_reply=lambda r: self.hooks.on_reply and self.hooks.on_reply("fit", r))
+        ok = [r for r in replies if r.message is not None]
+        updates = [ClientUpdate(r.cid, r.message.tensors, self.num_train[r.cid], r.message.metrics) for r in ok]
+        if self.local:
+            for u in updates:
+                self.models[u.cid] = u.tensors
+        else:
+            self.models[GLOBAL] = self.algorithm.aggregate(self.models[GLOBAL], updates)
+        client_rows = {r.cid: {"round": rnd, "kind": "client", "client": r.cid, "bytes_down": r.bytes_down,
+                               "bytes_up": r.bytes_up, "seconds": r.seconds, "rejected": r.error} for r in replies}
+        for u in updates:
+            m = u.metrics
+            client_rows[u.cid].update({k: m[k] for k in ("train_loss", "lr", "steps", "train_tokens",
+                                                          "tokens_per_s", "skipped_nonfinite") if k in m})
+            if "local_val_tokens" in m and m["local_val_tokens"]:
+                client_rows[u.cid]["local_val_loss"] = m["local_val_loss_sum"] / m["local_val_tokens"]
+        row: dict[str, Any] = {
+            "round": rnd, "kind": "round", "clients": len(sampled), "rejected": len(replies) - len(ok),
+            "train_loss": _pool(updates, "train_loss", "train_label_tokens"),
+            "bytes_down": sum(r.bytes_down for r in replies), "bytes_up": sum(r.bytes_up for r in replies),
+            "train_tokens": sum(u.metrics.get("train_tokens", 0) for u in updates),
+            "skipped_nonfinite": sum(u.metrics.get("skipped_nonfinite", 0) for u in updates),
+        }
+        train_s = sum(u.metrics.get("train_seconds", 0.0) for u in updates)
+        row["tokens_per_s"] = row["train_tokens"] / train_s if train_s > 0 else 0.0
+        if eval_due:
+            row.update(self.evaluate(rnd, client_rows))
+        row["seconds"] = time.perf_counter() - t0
+        row["peak_rss_mb"] = peak_rss_mb()
+        gpu = gpu_peak_mb()
+        if gpu is not None:
+            row["gpu_peak_mb"] = gpu
+        rows = list(client_rows.values())
+        for r in rows:
+            self.logger.log(r)
+        self.logger.log(row)
+        self.logger.flush()
+        last = rnd == self.cfg.fl.rounds
+        every = self.cfg.checkpoint.every
+        if last or (every and rnd % every == 0):
+            self.checkpoint(rnd, final=last)
+        if self.hooks.on_round_end:
+            self.hooks.on_round_end(rnd, row, rows)
+        return row
+
+    def eval_due(self, rnd: int) -> bool:
+        k = self.cfg.eval.every
+        return rnd == self.cfg.fl.rounds or (k > 0 and rnd % k == 0) or (rnd == 0 and k > 0)
+
+    def evaluate(self, rnd: int, client_rows: dict[str, dict[str, Any]] | None = None) -> dict[str, Any]:
+        """Loss/perplexity of the current adapter(s) on every eval client's val/test data."""
+        splits = self.cfg.eval.splits
+        ins = {cid: Message(self.model_for(cid), config={"splits": splits}) for cid in self.eval_clients}
+        replies = self.transport.send("evaluate", ins,
+                                      on_reply=lambda r: self.hooks.on_reply and self.hooks.on_reply("evaluate", r))
+        out: dict[str, Any] = {}
+        per_client: dict[str, dict[str, float]] = {}
+        for split in splits:
+            s = sum(r.message.metrics.get(f"{split}_loss_sum", 0.0) for r in replies if r.message)
+            n = sum(r.message.metrics.get(f"{split}_tokens", 0) for r in replies if r.message)
+            if n:
+                out[f"{split}_loss"] = s / n
+                out[f"{split}_ppl"] = math.exp(min(s / n, 50))
+            for r in replies:
+                m = r.message.metrics if r.message else {}
+                if m.get(f"{split}_tokens"):
+                    per_client.setdefault(r.cid, {})[f"{split}_loss"] = m[f"{split}_loss_sum"] / m[f"{split}_tokens"]
+        if client_rows is not None:
+            for cid, vals in per_client.items():
+                client_rows.setdefault(cid, {"round": rnd, "kind": "client", "client": cid}).update(vals)
+            if self.local:  # FS-LLM's "local": report each client and their unweighted mean
+                for split in splits:
+                    vals = [v[f"{split}_loss"] for v in per_client.values() if f"{split}_loss" in v]
+                    if vals:
+                        out[f"{split}_loss_mean_of_clients"] = float(np.mean(vals))
+        return out
+
+    def checkpoint(self, rnd: int, final: bool = False) -> None:
+        save_checkpoint(self.run_dir, rnd, self.models, self.store,
+                        {"fingerprint": self.cfg.fingerprint()}, keep=self.cfg.checkpoint.keep)
+        self.save_adapters(rnd, self.models, final)
+
+    def run(self, start_round: int = 1) -> list[dict[str, Any]]:
+        rows = []
+        if start_round == 1 and self.cfg.eval.every > 0:
+            # round 0: the untrained adapter, so every curve has its starting point
+            row = {"round": 0, "kind": "round", **self.evaluate(0, client_rows := {})}
+            for r in client_rows.values():
+                self.logger.log(r)
+            self.logger.log(row)
+            if self.hooks.on_round_end:
+                self.hooks.on_round_end(0, row, list(client_rows.values()))
+            rows.append(row)
+        for rnd in range(start_round, self.cfg.fl.rounds + 1):
+            rows.append(self.run_round(rnd))
+        self.logger.close()
+        return rows
+
+
+def _pool(updates: list[ClientUpdate], key: str, weight_key: str) -> float | None:
+    num = sum(u.metrics.get(key, 0.0) * u.metrics.get(weight_key, 0) for u in updates
+              if u.metrics.get(weight_key) and math.isfinite(u.metrics.get(key, float("nan"))))
+    den = sum(u.metrics.get(weight_key, 0) for u in updates
+              if u.metrics.get(weight_key) and math.isfinite(u.metrics.get(key, float("nan"))))
+    return num / den if den else None

@@ -1,0 +1,241 @@
+"""Local training: one explicit loop (LitGPT ``fit`` / nanoGPT ``train.py`` style), plus loss eval.
+
+Everything a client does with its data lives here: a seeded, resumable stream of length-grouped
+batches; mixed precision with fp32 adapter weights; gradient accumulation with an exact
+token-level mean; gradient clipping; a NaN/Inf guard that skips and counts; an LR schedule that
+continues across rounds. Algorithm-specific terms (FedProx's proximal term, ...) come in as a
+callable ``extra_loss(model) -> tensor`` from the algorithm's own file.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Callable, Sequence
+from contextlib import nullcontext
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from fedtune.config import TrainConfig
+from fedtune.utils import derive_seed
+
+IGNORE = -100
+
+
+class BatchStream:
+    """Endless stream of batches (lists of example indices) over one dataset.
+
+    Each epoch is a fresh seeded permutation; with ``group_by_length`` it is cut into mega-batches
+    of 50 batches, each sorted by length (HF's ``LengthGroupedSampler`` idea), so a batch holds
+    examples of similar length and little compute goes to padding; the batch order is then
+    shuffled. ``state()``/``epoch,pos`` make the stream resumable across rounds and restarts.
+    """
+
+    MEGA = 50
+
+    def __init__(self, lengths: Sequence[int], batch_size: int, seed: int, group_by_length: bool = True,
+                 epoch: int = 0, pos: int = 0):
+        if len(lengths) == 0:
+            raise ValueError("cannot stream batches from an empty dataset")
+        self.lengths = np.asarray(lengths)
+        self.batch_size = batch_size
+        self.seed = seed
+        self.group = group_by_length
+        self.epoch, self.pos = epoch, pos
+        self._batches = self._epoch_batches(epoch)
+
+    def _epoch_batches(self, epoch: int) -> list[list[int]]:
+        rng = np.random.default_rng(derive_seed(self.seed, "epoch", epoch))
+        perm = rng.permutation(len(self.lengths))
+        bs = self.batch_size
+        if not self.group or bs == 1:
+            return [perm[i : i + bs].tolist() for i in range(0, len(perm), bs)]
+        batches = []
+        mega = bs * self.MEGA
+        for i in range(0, len(perm), mega):
+            chunk = perm[i : i + mega]
+            chunk = chunk[np.argsort(-self.lengths[chunk], kind="stable")]
+            batches += [chunk[j : j + bs].tolist() for j in range(0, len(chunk), bs)]
+        order = rng.permutation(len(batches))
+        return [batches[k] for k in order]
+
+    def __next__(self) -> list[int]:
+        if self.pos >= len(self._batches):
+            self.epoch, self.pos = self.epoch + 1, 0
+            self._batches = self._epoch_batches(self.epoch)
+        batch = self._batches[self.pos]
+        self.pos += 1
+        return batch
+
+    def __iter__(self):
+        return self
+
+    def state(self) -> dict[str, int]:
+        return {"epoch": self.epoch, "pos": self.pos}
+
+    def batches_per_epoch(self) -> int:
+        return math.ceil(len(self.lengths) / self.batch_size)
+
+
+def collate(input_ids: Sequence[Sequence[int]], labels: Sequence[Sequence[int]], pad_id: int,
+            device: torch.device | str = "cpu") -> dict[str, torch.Tensor]:
+    """Right-pad a batch. Masks come from lengths, never from comparing ids with ``pad_id``."""
+    n = max(len(x) for x in input_ids)
+    ids = torch.full((len(input_ids), n), pad_id, dtype=torch.long)
+    lab = torch.full((len(input_ids), n), IGNORE, dtype=torch.long)
+    att = torch.zeros((len(input_ids), n), dtype=torch.long)
+    for i, (x, y) in enumerate(zip(input_ids, labels)):
+        ids[i, : len(x)] = torch.tensor(x)
+        lab[i, : len(y)] = torch.tensor(y)
+        att[i, : len(x)] = 1
+    return {"input_ids": ids.to(device), "attention_mask": att.to(device), "labels": lab.to(device)}
+
+
+def lr_factor(step: int, cfg: TrainConfig, total_steps: int) -> float:
+    """Multiplier of ``cfg.lr`` at a client's ``step`` (counted across rounds, never restarted)."""
+    if cfg.warmup_steps and step < cfg.warmup_steps:
+        return (step + 1) / cfg.warmup_steps
+    if cfg.scheduler == "constant":
+        return 1.0
+    span = max(1, total_steps - cfg.warmup_steps)
+    progress = min(1.0, (step - cfg.warmup_steps) / span)
+    if cfg.scheduler == "linear":
+        return max(0.0, 1.0 - progress)
+    return 0.5 * (1.0 + math.cos(math.pi * progress))  # cosine
+
+
+def make_optimizer(params: list[torch.nn.Parameter], cfg: TrainConfig) -> torch.optim.Optimizer:
+    if cfg.optimizer == "adamw":
+        return torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    return torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
+
+
+def autocast_context(precision: str, device: torch.device):
+    """bf16/fp16 autocast for the forward pass; the adapter weights themselves stay fp32."""
+    if precision == "fp32":
+        return nullcontext()
+    dtype = torch.bfloat16 if precision == "bf16" else torch.float16
+    return torch.autocast(device_type=device.type, dtype=dtype)
+
+
+@dataclass
+class TrainStats:
+    steps: int = 0
+    examples: int = 0
+    loss_sum: float = 0.0  # sum of token losses over labelled tokens
+    label_tokens: int = 0
+    tokens: int = 0  # real (non-padding) input tokens
+    skipped_nonfinite: int = 0
+    seconds: float = 0.0
+    lr: float = 0.0
+
+    @property
+    def loss(self) -> float:
+        return self.loss_sum / self.label_tokens if self.label_tokens else float("nan")
+
+
+def _n_label_tokens(labels: torch.Tensor) -> int:
+    return int((labels[:, 1:] != IGNORE).sum())  # causal LM: position t predicts t+1
+
+
+def train_local(
+    model: torch.nn.Module,
+    data,  # TokenizedDataset: .input_ids, .labels
+    stream: BatchStream,
+    optimizer: torch.optim.Optimizer,
+    cfg: TrainConfig,
+    *,
+    steps: int,
+    start_step: int,
+    total_steps: int,
+    pad_id: int,
+    device: torch.device,
+    extra_loss: Callable[[torch.nn.Module], torch.Tensor] | None = None,
+    scaler: torch.amp.GradScaler | None = None,
+    on_step: Callable[[TrainStats], None] | None = None,
+) -> TrainStats:
+    """Run ``steps`` optimizer steps of local training and return what happened."""
+    params = [p for g in optimizer.param_groups for p in g["params"]]
+    stats = TrainStats()
+    model.train()
+    t0 = time.perf_counter()
+    for i in range(steps):
+        lr = cfg.lr * lr_factor(start_step + i, cfg, total_steps)
+        for g in optimizer.param_groups:
+            g["lr"] = lr
+        micro = [next(stream) for _ in range(cfg.grad_accum)]
+        batches = [collate([data.input_ids[j] for j in b], [data.labels[j] for j in b], pad_id, device)
+                   for b in micro]
+        counts = [_n_label_tokens(b["labels"]) for b in batches]
+        total = sum(counts)
+        optimizer.zero_grad(set_to_none=True)
+        step_loss = 0.0
+        finite = total > 0
+        for batch, n in zip(batches, counts):
+            if n == 0:
+                continue
+            with autocast_context(cfg.precision, device):
+                out = model(**batch)
+            # Exact token-level mean over the whole accumulation group.
+            loss = out.loss.float() * (n / total)
+            if extra_loss is not None:
+                loss = loss + extra_loss(model) * (n / total)
+            if not torch.isfinite(loss):
+                finite = False
+                break
+            (scaler.scale(loss) if scaler is not None else loss).backward()
+            step_loss += float(out.loss.detach().float()) * n
+            stats.tokens += int(batch["attention_mask"].sum())
+            stats.examples += batch["input_ids"].shape[0]
+        if finite:
+            if scaler is not None:
+                scaler.unscale_(optimizer)
+            if cfg.max_grad_norm is not None:
+                norm = torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
+            else:
+                norm = torch.sqrt(sum((p.grad.float() ** 2).sum() for p in params if p.grad is not None))
+            finite = bool(torch.isfinite(norm))
+        if finite:
+            if scaler is not None:
+                scaler.step(optimizer)
+                scaler.update()
+            else:
+                optimizer.step()
+            stats.loss_sum += step_loss
+            stats.label_tokens += total
+        else:
+            # NaN/Inf guard: drop this step's gradients, leave weights untouched, count it.
+            optimizer.zero_grad(set_to_none=True)
+            stats.skipped_nonfinite += 1
+            if scaler is not None:
+                scaler.update()
+        stats.steps += 1
+        stats.lr = lr
+        if on_step is not None:
+            on_step(stats)
+    optimizer.zero_grad(set_to_none=True)
+    stats.seconds = time.perf_counter() - t0
+    model.eval()
+    return stats
+
+
+@torch.no_grad()
+def evaluate_loss(model: torch.nn.Module, data, *, batch_size: int, pad_id: int, device: torch.device,
+                  precision: str = "fp32") -> tuple[float, int]:
+    """Sum of token losses and number of labelled tokens of ``data`` (batched by length)."""
+    model.eval()
+    order = sorted(range(len(data.input_ids)), key=lambda j: len(data.input_ids[j]))
+    loss_sum, n_tok = 0.0, 0
+    for k in range(0, len(order), batch_size):
+        idx = order[k : k + batch_size]
+        batch = collate([data.input_ids[j] for j in idx], [data.labels[j] for j in idx], pad_id, device)
+        n = _n_label_tokens(batch["labels"])
+        if n == 0:
+            continue
+        with autocast_context(precision, device):
+            out = model(**batch)
+        loss_sum += float(out.loss.float()) * n
+        n_tok += n
+    return loss_sum, n_tok

@@ -1,0 +1,176 @@
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from fedtune.adapters import attach_adapter, get_adapter_state, set_adapter_state, trainable_parameters
+from fedtune.config import ModelConfig, PeftConfig, TrainConfig
+from fedtune.state import ClientStateStore, ClientState, optimizer_from_state, optimizer_to_state
+from fedtune.training import BatchStream, collate, lr_factor, make_optimizer, train_local, IGNORE
+
+
+class DS:
+    def __init__(self, n=12, seed=0):
+        g = np.random.default_rng(seed)
+        self.input_ids, self.labels = [], []
+        for i in range(n):
+            L = int(g.integers(6, 20))
+            ids = g.integers(10, 500, size=L).tolist()
+            p = int(g.integers(1, L - 2))
+            self.input_ids.append(ids)
+            self.labels.append([IGNORE] * p + ids[p:])
+        self.lengths = [len(x) for x in self.input_ids]
+
+    def __len__(self):
+        return len(self.input_ids)
+
+
+@pytest.fixture(scope="module")
+def peft_model():
+    from fedtune.models import load_model
+
+    model, tok = load_model(ModelConfig(name="tiny-llama"))
+    torch.manual_seed(0)
+    pm = attach_adapter(model, PeftConfig(r=4, dropout=0.0))
+    # non-zero LoRA B so gradients reach A too
+    with torch.no_grad():
+        for n, p in trainable_parameters(pm):
+            p.normal_(0, 0.02)
+    return pm, tok
+
+
+def test_batch_stream_epochs_cover_every_example_once():
+    lengths = list(range(5, 42))
+    s = BatchStream(lengths, batch_size=4, seed=3, group_by_length=True)
+    seen = []
+    for _ in range(s.batches_per_epoch()):
+        seen += next(s)
+    assert sorted(seen) == list(range(len(lengths)))
+    # length grouping: each batch spans a small length range compared to random batches
+    s2 = BatchStream(lengths, batch_size=4, seed=3, group_by_length=True)
+    b = next(s2)
+    assert max(lengths[i] for i in b) - min(lengths[i] for i in b) <= 3 * 4
+
+
+def test_batch_stream_resumes_exactly():
+    lengths = [7] * 10
+    a = BatchStream(lengths, 3, seed=1)
+    first = [next(a) for _ in range(5)]
+    st = a.state()
+    rest = [next(a) for _ in range(6)]
+    b = BatchStream(lengths, 3, seed=1, **st)
+    assert [next(b) for _ in range(6)] == rest
+    assert first[0] != rest[0] or True
+
+
+def test_lr_schedule_continues_across_rounds():
+    cfg = TrainConfig(scheduler="linear", warmup_steps=2, lr=1.0)
+    total = 10
+    f = [lr_factor(s, cfg, total) for s in range(total)]
+    assert f[0] == pytest.approx(0.5) and f[1] == pytest.approx(1.0)
+    # after warmup: 1 - (s-2)/8
+    assert f[6] == pytest.approx(1 - 4 / 8)
+    cos = TrainConfig(scheduler="cosine", lr=1.0)
+    assert lr_factor(5, cos, 10) == pytest.approx(0.5 * (1 + math.cos(math.pi * 0.5)))
+    assert lr_factor(3, TrainConfig(), 10) == 1.0
+
+
+def test_collate_masks_from_lengths_not_pad_id():
+    # pad id equal to a real token id (SmolLM2: pad == eos): that token must stay a label
+    b = collate([[5, 2], [5, 6, 2]], [[IGNORE, 2], [IGNORE, 6, 2]], pad_id=2)
+    assert b["labels"].tolist() == [[IGNORE, 2, IGNORE], [IGNORE, 6, 2]]
+    assert b["attention_mask"].tolist() == [[1, 1, 0], [1, 1, 1]]
+
+
+def _one_step(pm, init, data, bs, accum):
+    set_adapter_state(pm, init)
+    cfg = TrainConfig(optimizer="sgd", lr=0.5, batch_size=bs, grad_accum=accum, group_by_length=False,
+                      max_grad_norm=None)
+    opt = make_optimizer([p for _, p in trainable_parameters(pm)], cfg)
+    stream = BatchStream(data.lengths, bs, seed=7, group_by_length=False)
+    train_local(pm, data, stream, opt, cfg, steps=1, start_step=0, total_steps=1, pad_id=0,
+                device=torch.device("cpu"))
+    return get_adapter_state(pm)
+
+
+def test_grad_accumulation_equals_big_batch(peft_model):
+    pm, _ = peft_model
+    init = get_adapter_state(pm)
+    data = DS(8)
+    big = _one_step(pm, init, data, bs=4, accum=1)
+    acc = _one_step(pm, init, data, bs=2, accum=2)
+    one = _one_step(pm, init, data, bs=1, accum=4)
+    set_adapter_state(pm, init)
+    moved = max((big[k] - init[k]).abs().max().item() for k in init)
+    assert moved > 1e-5
+    for k in init:
+        assert torch.allclose(big[k], acc[k], atol=1e-6, rtol=1e-4)
+        assert torch.allclose(big[k], one[k], atol=1e-6, rtol=1e-4)
+
+
+def test_nan_guard_skips_and_counts(peft_model):
+    pm, _ = peft_model
+    init = get_adapter_state(pm)
+    data = DS(4)
+    cfg = TrainConfig(lr=0.1, batch_size=2)
+    opt = make_optimizer([p for _, p in trainable_parameters(pm)], cfg)
+    stream = BatchStream(data.lengths, 2, seed=0)
+    stats = train_local(pm, data, stream, opt, cfg, steps=3, start_step=0, total_steps=3, pad_id=0,
+                        device=torch.device("cpu"), extra_loss=lambda m: torch.tensor(float("nan")))
+    assert stats.skipped_nonfinite == 3 and stats.steps == 3
+    after = get_adapter_state(pm)
+    assert all(torch.equal(after[k], init[k]) for k in init)
+
+
+def test_bf16_autocast_keeps_fp32_adapter(peft_model):
+    pm, _ = peft_model
+    init = get_adapter_state(pm)
+    data = DS(4)
+    cfg = TrainConfig(lr=1e-3, batch_size=2, precision="bf16")
+    opt = make_optimizer([p for _, p in trainable_parameters(pm)], cfg)
+    stats = train_local(pm, data, BatchStream(data.lengths, 2, seed=0), opt, cfg, steps=2, start_step=0,
+                        total_steps=2, pad_id=0, device=torch.device("cpu"))
+    assert math.isfinite(stats.loss) and stats.skipped_nonfinite == 0
+    assert all(p.dtype == torch.float32 for _, p in trainable_parameters(pm))
+    set_adapter_state(pm, init)
+
+
+def test_optimizer_state_roundtrip_continues_identically(peft_model, tmp_path):
+    pm, _ = peft_model
+    init = get_adapter_state(pm)
+    data = DS(6)
+    cfg = TrainConfig(lr=1e-2, batch_size=2)
+    params = [p for _, p in trainable_parameters(pm)]
+
+    def run(steps, opt, stream):
+        train_local(pm, data, stream, opt, cfg, steps=steps, start_step=0, total_steps=10, pad_id=0,
+                    device=torch.device("cpu"))
+
+    # uninterrupted: 4 steps
+    set_adapter_state(pm, init)
+    opt = make_optimizer(params, cfg)
+    run(4, opt, BatchStream(data.lengths, 2, seed=1))
+    straight = get_adapter_state(pm)
+    # 2 steps, store everything off the model (disk), restore into a new optimizer, 2 more
+    set_adapter_state(pm, init)
+    opt = make_optimizer(params, cfg)
+    s = BatchStream(data.lengths, 2, seed=1)
+    run(2, opt, s)
+    store = ClientStateStore(tmp_path)
+    st = ClientState()
+    t, meta = optimizer_to_state(opt)
+    st.set_group("opt", t)
+    st.set_group("adapter", get_adapter_state(pm))
+    st.meta.update(opt=meta, stream=s.state())
+    store.put("c0", st)
+    set_adapter_state(pm, init)  # clobber
+    back = store.get("c0")
+    set_adapter_state(pm, back.group("adapter"))
+    opt2 = make_optimizer(params, cfg)
+    optimizer_from_state(opt2, back.group("opt"), back.meta["opt"])
+    run(2, opt2, BatchStream(data.lengths, 2, seed=1, **back.meta["stream"]))
+    resumed = get_adapter_state(pm)
+    set_adapter_state(pm, init)
+    for k in init:
+        assert torch.equal(straight[k], resumed[k])
