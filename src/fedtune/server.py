@@ -147,7 +147,8 @@ class Server:
         ins = {cid: Message(self.model_for(cid), config={"splits": splits}) for cid in self.eval_clients}
         replies = self.transport.send("evaluate", ins,
                                       on_reply=lambda r: self.hooks.on_reply and self.hooks.on_reply("evaluate", r))
-        out: dict[str, Any] = {}
+        out: dict[str, Any] = {"eval_bytes_down": sum(r.bytes_down for r in replies),
+                               "eval_bytes_up": sum(r.bytes_up for r in replies)}
         per_client: dict[str, dict[str, float]] = {}
         for split in splits:
             s = sum(r.message.metrics.get(f"{split}_loss_sum", 0.0) for r in replies if r.message)
