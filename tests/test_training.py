@@ -174,3 +174,21 @@ def test_optimizer_state_roundtrip_continues_identically(peft_model, tmp_path):
     set_adapter_state(pm, init)
     for k in init:
         assert torch.equal(straight[k], resumed[k])
+
+
+def test_state_store_handles_awkward_client_names(tmp_path):
+    from fedtune.utils import safe_name
+
+    names = ["C#", "C_", "X86-64 Assembly", "a/b", "..", "plain"]
+    assert len({safe_name(n) for n in names}) == len(names)
+    assert safe_name("plain") == "plain"
+    for root in (tmp_path / "disk", None):
+        store = ClientStateStore(root)
+        for i, n in enumerate(names):
+            store.put(n, ClientState(tensors={"x": torch.tensor([float(i)])}, meta={"n": n}))
+        snap = tmp_path / f"snap{root is None}"
+        store.snapshot(snap)
+        store2 = ClientStateStore(tmp_path / "disk2" if root else None)
+        store2.restore(snap)
+        for i, n in enumerate(names):
+            assert store2.get(n).meta == {"n": n} and store2.get(n).tensors["x"].item() == i

@@ -29,7 +29,7 @@ from fedtune.report import human_bytes, plot_losses, round_table, summary_table
 from fedtune.server import GLOBAL, RoundHooks, Server
 from fedtune.state import ClientStateStore
 from fedtune.transport import InProcessTransport
-from fedtune.utils import derive_seed, resolve_device, seed_everything
+from fedtune.utils import derive_seed, resolve_device, safe_name, seed_everything
 
 log = logging.getLogger(__name__)
 
@@ -161,7 +161,7 @@ def run(cfg: Config, resume: Path | str | None = None, *, verbose: bool = True) 
                  "config_fingerprint": cfg.fingerprint()}
         for root in roots:
             for key, sd in current.items():
-                dest = root / "adapter" if key == GLOBAL else root / "adapters" / key
+                dest = root / "adapter" if key == GLOBAL else root / "adapters" / safe_name(key)
                 save_adapter(pm, sd, dest, extra)
                 (dest / "fedtune_template.json").write_text(json.dumps(template.to_dict(), indent=2))
 

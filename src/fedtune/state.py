@@ -18,7 +18,7 @@ from typing import Any
 
 import torch
 
-from fedtune.utils import atomic_write_bytes
+from fedtune.utils import atomic_write_bytes, safe_name
 
 
 @dataclass
@@ -66,11 +66,11 @@ class ClientStateStore:
 
     def _path(self, cid: str) -> Path:
         assert self.root is not None
-        return self.root / f"{cid}.safetensors"
+        return self.root / f"{safe_name(cid)}.safetensors"
 
     def get(self, cid: str) -> ClientState:
         if self.root is None:
-            data = self._mem.get(cid)
+            data = self._mem.get(safe_name(cid))
         else:
             p = self._path(cid)
             data = p.read_bytes() if p.is_file() else None
@@ -79,7 +79,7 @@ class ClientStateStore:
     def put(self, cid: str, state: ClientState) -> None:
         data = _encode_state(state)
         if self.root is None:
-            self._mem[cid] = data
+            self._mem[safe_name(cid)] = data
         else:
             atomic_write_bytes(self._path(cid), data)
 
@@ -88,8 +88,8 @@ class ClientStateStore:
         replaced, never modified, so a link is a true snapshot)."""
         dest.mkdir(parents=True, exist_ok=True)
         if self.root is None:
-            for cid, data in self._mem.items():
-                atomic_write_bytes(dest / f"{cid}.safetensors", data)
+            for key, data in self._mem.items():
+                atomic_write_bytes(dest / f"{key}.safetensors", data)
             return
         for p in self.root.glob("*.safetensors"):
             try:

@@ -56,6 +56,21 @@ def derive_seed(*parts: int | str) -> int:
     return int.from_bytes(h[:8], "little") & (2**63 - 1)
 
 
+def safe_name(name: str) -> str:
+    """A client id made safe as a file or directory name.
+
+    Names that need changing get a short hash so two ids never collide ("C#" -> "C_-<hash>").
+    """
+    import hashlib
+    import re
+
+    name = str(name)
+    cleaned = re.sub(r"[^A-Za-z0-9._+=-]", "_", name).strip(".")
+    if cleaned == name and cleaned:
+        return cleaned
+    return f"{cleaned or '_'}-{hashlib.sha1(name.encode()).hexdigest()[:6]}"
+
+
 def resolve_device(name: str) -> torch.device:
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
