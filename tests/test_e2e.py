@@ -186,3 +186,27 @@ def test_cli_resume_with_other_config_is_refused(cfg_file, tmp_path):
     p = _cli(["run", str(cfg_file), f"output.dir={out}", "fl.rounds=2", "-q", "--resume", str(out)], tmp_path)
     assert p.returncode == 0, p.stderr
     assert "round 2" in p.stdout or (out / "checkpoints" / "round_00002").is_dir()
+
+
+def test_bad_client_update_is_rejected_and_round_goes_on(cfg_file, tmp_path, monkeypatch):
+    from fedtune.client import FedClient
+
+    real_fit = FedClient.fit
+
+    def fit(self, msg):
+        out = real_fit(self, msg)
+        if self.cid == "beta":  # a broken (or hostile) client: NaN in its update
+            k = next(iter(out.tensors))
+            out.tensors[k] = torch.full_like(out.tensors[k], float("nan"))
+        if self.cid == "gamma":  # wrong shape
+            k = next(iter(out.tensors))
+            out.tensors[k] = torch.zeros(3)
+        return out
+
+    monkeypatch.setattr(FedClient, "fit", fit)
+    res = run(load_config(cfg_file, [f"output.dir={tmp_path / 'bad'}", "fl.rounds=1"]), verbose=False)
+    r1 = [r for r in res.rows if r["kind"] == "round" and r["round"] == 1][0]
+    assert r1["rejected"] == 2
+    reasons = {r["client"]: r["rejected"] for r in res.rows if r["kind"] == "client" and r["round"] == 1}
+    assert "NaN" in reasons["beta"] and "expected" in reasons["gamma"] and reasons["alpha"] is None
+    assert all(torch.isfinite(t).all() for t in _adapter(res.run_dir).values())

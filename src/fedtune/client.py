@@ -94,6 +94,7 @@ class FedClient:
             "train_loss": stats.loss, "train_label_tokens": stats.label_tokens, "train_tokens": stats.tokens,
             "train_examples": stats.examples, "steps": stats.steps, "skipped_nonfinite": stats.skipped_nonfinite,
             "train_seconds": stats.seconds, "lr": stats.lr, "num_train": len(data),
+            "step_seconds": stats.seconds / stats.steps if stats.steps else 0.0,
             "tokens_per_s": stats.tokens / stats.seconds if stats.seconds > 0 else 0.0,
         }
         if msg.config.get("eval_local"):

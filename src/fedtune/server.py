@@ -65,9 +65,10 @@ class Server:
     def model_for(self, cid: str) -> TensorDict:
         return self.models[cid] if self.local else self.models[GLOBAL]
 
-    def expect(self) -> dict[str, tuple[tuple[int, ...], torch.dtype]]:
-        ref = next(iter(self.models.values()))
-        return {k: (tuple(v.shape), v.dtype) for k, v in ref.items()}
+    def expect(self, cids: list[str]) -> dict[str, dict[str, tuple[tuple[int, ...], torch.dtype]]]:
+        """Per client, the tensor names/shapes/dtypes its reply must have (what it was sent), so
+        clients may hold differently shaped adapters (e.g. heterogeneous LoRA ranks)."""
+        return {cid: {k: (tuple(v.shape), v.dtype) for k, v in self.model_for(cid).items()} for cid in cids}
 
     # ---- the round ---------------------------------------------------------------------
     def sample(self, rnd: int) -> list[str]:
@@ -91,7 +92,7 @@ class Server:
         else:
             broadcast = Message(self.models[GLOBAL], config=fit_config)
             ins = {cid: broadcast for cid in sampled}
-        replies = self.transport.send("fit", ins, expect=self.expect(),
+        replies = self.transport.send("fit", ins, expect=self.expect(sampled),
                                       on_reply=lambda r: self.hooks.on_reply and self.hooks.on_reply("fit", r))
         ok = [r for r in replies if r.message is not None]
         updates = [ClientUpdate(r.cid, r.message.tensors, self.num_train[r.cid], r.message.metrics) for r in ok]
@@ -105,7 +106,8 @@ class Server:
         for u in updates:
             m = u.metrics
             client_rows[u.cid].update({k: m[k] for k in ("train_loss", "lr", "steps", "train_tokens",
-                                                          "tokens_per_s", "skipped_nonfinite") if k in m})
+                                                          "tokens_per_s", "skipped_nonfinite",
+                                                          "step_seconds") if k in m})
             if "local_val_tokens" in m and m["local_val_tokens"]:
                 client_rows[u.cid]["local_val_loss"] = m["local_val_loss_sum"] / m["local_val_tokens"]
         row: dict[str, Any] = {

@@ -32,7 +32,10 @@ class Reply:
 class Transport(Protocol):
     def send(self, kind: str, instructions: dict[str, Message], *, expect=None,
              on_reply: Callable[[Reply], None] | None = None) -> list[Reply]:
-        """Deliver ``instructions[cid]`` (``kind`` is ``fit`` or ``evaluate``) and collect replies."""
+        """Deliver ``instructions[cid]`` (``kind`` is ``fit`` or ``evaluate``) and collect replies.
+
+        ``expect[cid]`` is the tensor spec a ``fit`` reply from ``cid`` must match exactly.
+        """
         ...
 
 
@@ -53,7 +56,7 @@ class InProcessTransport:
             answer = client.fit(received) if kind == "fit" else client.evaluate(received)
             up = encode(answer)
             try:
-                parsed = decode(up, expect=expect if kind == "fit" else None)
+                parsed = decode(up, expect=expect.get(cid) if (expect and kind == "fit") else None)
                 reply = Reply(cid, parsed, len(down), len(up), time.perf_counter() - t0)
             except MessageError as e:
                 log.warning("rejected %s reply from client %s: %s", kind, cid, e)
