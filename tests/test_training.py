@@ -192,3 +192,25 @@ def test_state_store_handles_awkward_client_names(tmp_path):
         store2.restore(snap)
         for i, n in enumerate(names):
             assert store2.get(n).meta == {"n": n} and store2.get(n).tensors["x"].item() == i
+
+
+@pytest.mark.parametrize("device", [
+    "cpu", pytest.param("cuda", marks=[pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(),
+                                                                          reason="needs a CUDA device")])])
+def test_fp16_autocast_with_grad_scaler(peft_model, device):
+    pm, _ = peft_model
+    init = get_adapter_state(pm)
+    dev = torch.device(device)
+    pm.to(dev)
+    data = DS(4)
+    cfg = TrainConfig(lr=1e-3, batch_size=2, precision="fp16")
+    opt = make_optimizer([p for _, p in trainable_parameters(pm)], cfg)
+    scaler = torch.amp.GradScaler(dev.type)
+    stats = train_local(pm, data, BatchStream(data.lengths, 2, seed=0), opt, cfg, steps=3, start_step=0,
+                        total_steps=3, pad_id=0, device=dev, scaler=scaler)
+    assert math.isfinite(stats.loss)
+    assert all(p.dtype == torch.float32 for _, p in trainable_parameters(pm))
+    moved = max((get_adapter_state(pm)[k] - init[k]).abs().max().item() for k in init)
+    assert moved > 0
+    pm.to("cpu")
+    set_adapter_state(pm, init)
