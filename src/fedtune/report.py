@@ -86,6 +86,10 @@ def plot_losses(rows: list[dict[str, Any]], path: Path) -> Path | None:
     axes[1].set(xlabel="round", ylabel="val loss", title="per client (global adapter on client data)")
     if clients:
         axes[1].legend(fontsize=7)
+    from matplotlib.ticker import MaxNLocator
+
+    for ax in axes:
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)
