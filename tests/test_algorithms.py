@@ -48,3 +48,17 @@ def test_contract_identical_updates_are_a_fixed_point(name):
     ups = [ClientUpdate(c, {"w": t["w"].clone()}, num_examples=n) for c, n in (("x", 3), ("y", 9))]
     out = get_algorithm(name).aggregate({"w": torch.zeros(3, 3)}, ups)
     assert torch.allclose(out["w"], t["w"], atol=1e-6)
+
+
+@pytest.mark.parametrize("weighting", ["samples", "uniform"])
+def test_streaming_fold_equals_batch_aggregate(weighting):
+    alg = get_algorithm("fedavg", weighting=weighting)
+    ups = [ClientUpdate(str(i), {"w": torch.randn(50), "v": torch.randn(2, 3)}, num_examples=3 * i + 1)
+           for i in range(5)]
+    batch = alg.aggregate({}, ups)
+    acc = alg.begin({})
+    for u in ups:
+        alg.fold(acc, u)
+    streamed = alg.finish({}, acc)
+    for k in batch:
+        assert torch.allclose(batch[k], streamed[k], atol=1e-7)

@@ -92,14 +92,29 @@ class Server:
         else:
             broadcast = Message(self.models[GLOBAL], config=fit_config)
             ins = {cid: broadcast for cid in sampled}
-        replies = self.transport.send("fit", ins, expect=self.expect(sampled),
-                                      on_reply=lambda r: self.hooks.on_reply and self.hooks.on_reply("fit", r))
+        stream = self.algorithm.streaming and not self.local
+        acc = self.algorithm.begin(self.models[GLOBAL]) if stream else None
+
+        def on_fit_reply(r: Reply) -> None:
+            if self.hooks.on_reply:
+                self.hooks.on_reply("fit", r)
+            if r.message is None:
+                return
+            u = ClientUpdate(r.cid, r.message.tensors, self.num_train[r.cid], r.message.metrics)
+            if self.local:
+                self.models[r.cid] = u.tensors
+            elif stream:
+                self.algorithm.fold(acc, u)
+            else:
+                return
+            r.message.tensors = {}  # folded in: do not keep every client's update in memory
+
+        replies = self.transport.send("fit", ins, expect=self.expect(sampled), on_reply=on_fit_reply)
         ok = [r for r in replies if r.message is not None]
         updates = [ClientUpdate(r.cid, r.message.tensors, self.num_train[r.cid], r.message.metrics) for r in ok]
-        if self.local:
-            for u in updates:
-                self.models[u.cid] = u.tensors
-        else:
+        if stream:
+            self.models[GLOBAL] = self.algorithm.finish(self.models[GLOBAL], acc)
+        elif not self.local:
             self.models[GLOBAL] = self.algorithm.aggregate(self.models[GLOBAL], updates)
         client_rows = {r.cid: {"round": rnd, "kind": "client", "client": r.cid, "bytes_down": r.bytes_down,
                                "bytes_up": r.bytes_up, "seconds": r.seconds, "rejected": r.error} for r in replies}
@@ -146,7 +161,11 @@ class Server:
     def evaluate(self, rnd: int, client_rows: dict[str, dict[str, Any]] | None = None) -> dict[str, Any]:
         """Loss/perplexity of the current adapter(s) on every eval client's val/test data."""
         splits = self.cfg.eval.splits
-        ins = {cid: Message(self.model_for(cid), config={"splits": splits}) for cid in self.eval_clients}
+        if self.local:
+            ins = {cid: Message(self.model_for(cid), config={"splits": splits}) for cid in self.eval_clients}
+        else:
+            broadcast = Message(self.models[GLOBAL], config={"splits": splits})
+            ins = {cid: broadcast for cid in self.eval_clients}
         replies = self.transport.send("evaluate", ins,
                                       on_reply=lambda r: self.hooks.on_reply and self.hooks.on_reply("evaluate", r))
         out: dict[str, Any] = {"eval_bytes_down": sum(r.bytes_down for r in replies),

@@ -49,7 +49,9 @@ class InProcessTransport:
         replies = []
         cache: dict[int, bytes] = {}  # a broadcast message is encoded once
         for cid, msg in instructions.items():
-            down = cache.setdefault(id(msg), encode(msg))
+            if id(msg) not in cache:
+                cache = {id(msg): encode(msg)}  # keep only the current broadcast's bytes
+            down = cache[id(msg)]
             t0 = time.perf_counter()
             received = decode(down)
             client = self.clients[cid]

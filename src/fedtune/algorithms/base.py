@@ -30,6 +30,9 @@ class ClientUpdate:
 
 class Algorithm:
     name = "base"
+    #: True when the algorithm can fold updates one at a time (``begin``/``fold``/``finish``),
+    #: letting the server drop each update as soon as it arrives.
+    streaming = False
 
     def __init__(self, weighting: str = "samples", **options):
         self.weighting = weighting
