@@ -1,9 +1,14 @@
 """Transport: how the server's messages reach clients and replies come back.
 
-The server only sees this interface, so the in-process simulation and a networked runtime run the
-same client and server code (Flower's in-memory vs gRPC ``Grid``). The in-process transport still
-serialises every message to bytes and parses replies strictly, so byte counts are exact and the
-parsing path is exercised in every simulation.
+The server only sees :class:`Transport`, so the in-process simulation and a networked runtime run
+the same client and server code (Flower's in-memory vs gRPC ``Grid``). Every transport moves the
+same bytes through the same two functions:
+
+* :func:`handle_on_client` — on the client side: instruction bytes in, reply bytes out;
+* :func:`parse_reply` — on the server side: reply bytes in, a strictly parsed :class:`Reply` out.
+
+The in-process transport calls them directly, so byte counts are exact and the strict parsing
+path runs in every simulation; a networked transport calls them on either end of the wire.
 """
 
 from __future__ import annotations
@@ -14,9 +19,14 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Protocol
 
+import torch
+
 from fedtune.messages import Message, MessageError, decode, encode
 
 log = logging.getLogger(__name__)
+
+#: name -> (shape, dtype) that a reply's tensors must match exactly
+Spec = dict[str, tuple[tuple[int, ...], torch.dtype]]
 
 
 @dataclass
@@ -30,13 +40,39 @@ class Reply:
 
 
 class Transport(Protocol):
-    def send(self, kind: str, instructions: dict[str, Message], *, expect=None,
+    def send(self, kind: str, instructions: dict[str, Message], *, expect: dict[str, Spec] | None = None,
              on_reply: Callable[[Reply], None] | None = None) -> list[Reply]:
         """Deliver ``instructions[cid]`` (``kind`` is ``fit`` or ``evaluate``) and collect replies.
 
-        ``expect[cid]`` is the tensor spec a ``fit`` reply from ``cid`` must match exactly.
+        ``expect[cid]`` is the tensor spec a ``fit`` reply from ``cid`` must match exactly. Replies
+        come back in the order of ``instructions`` (a fixed, sampled order) so that aggregation is
+        deterministic whatever the network does; ``on_reply`` is called for each as it is parsed.
         """
         ...
+
+
+def handle_on_client(client, kind: str, data: bytes) -> bytes:
+    """Client side of one exchange: parse the instruction, run ``client.fit``/``evaluate``, encode."""
+    if kind not in ("fit", "evaluate"):
+        raise MessageError(f"unknown message kind '{kind}'")
+    received = decode(data)
+    answer = client.fit(received) if kind == "fit" else client.evaluate(received)
+    return encode(answer)
+
+
+def parse_reply(cid: str, kind: str, up: bytes | None, *, bytes_down: int, seconds: float,
+                expect: Spec | None = None, error: str | None = None) -> Reply:
+    """Server side: parse a client's reply strictly; a bad or missing reply becomes a rejected
+    :class:`Reply` (logged with its reason) and the round goes on without it."""
+    if up is None:
+        log.warning("no %s reply from client %s: %s", kind, cid, error)
+        return Reply(cid, None, bytes_down, 0, seconds, error=error or "no reply")
+    try:
+        parsed = decode(up, expect=expect if kind == "fit" else None)
+        return Reply(cid, parsed, bytes_down, len(up), seconds)
+    except MessageError as e:
+        log.warning("rejected %s reply from client %s: %s", kind, cid, e)
+        return Reply(cid, None, bytes_down, len(up), seconds, error=str(e))
 
 
 class InProcessTransport:
@@ -53,16 +89,9 @@ class InProcessTransport:
                 cache = {id(msg): encode(msg)}  # keep only the current broadcast's bytes
             down = cache[id(msg)]
             t0 = time.perf_counter()
-            received = decode(down)
-            client = self.clients[cid]
-            answer = client.fit(received) if kind == "fit" else client.evaluate(received)
-            up = encode(answer)
-            try:
-                parsed = decode(up, expect=expect.get(cid) if (expect and kind == "fit") else None)
-                reply = Reply(cid, parsed, len(down), len(up), time.perf_counter() - t0)
-            except MessageError as e:
-                log.warning("rejected %s reply from client %s: %s", kind, cid, e)
-                reply = Reply(cid, None, len(down), len(up), time.perf_counter() - t0, error=str(e))
+            up = handle_on_client(self.clients[cid], kind, down)
+            reply = parse_reply(cid, kind, up, bytes_down=len(down), seconds=time.perf_counter() - t0,
+                                expect=(expect or {}).get(cid))
             replies.append(reply)
             if on_reply is not None:
                 on_reply(reply)
