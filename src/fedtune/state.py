@@ -18,7 +18,7 @@ from typing import Any
 
 import torch
 
-from fedtune.utils import atomic_write_bytes, safe_name
+from fedtune.utils import atomic_write_bytes, fsync_file, safe_name
 
 
 @dataclass
@@ -81,7 +81,9 @@ class ClientStateStore:
         if self.root is None:
             self._mem[safe_name(cid)] = data
         else:
-            atomic_write_bytes(self._path(cid), data)
+            # Not fsynced: the live store is scratch between checkpoints (a crash resumes from the
+            # last checkpoint's snapshot, which *is* made durable below). Saves ~40 ms per client.
+            atomic_write_bytes(self._path(cid), data, durable=False)
 
     def snapshot(self, dest: Path) -> None:
         """Copy every client's state into ``dest`` (hard links where possible: files are
@@ -96,6 +98,7 @@ class ClientStateStore:
                 os.link(p, dest / p.name)
             except OSError:
                 shutil.copy2(p, dest / p.name)
+            fsync_file(dest / p.name)  # the live store skips fsync; a checkpoint must be durable
 
     def restore(self, src: Path) -> None:
         """Replace all states with the snapshot in ``src``."""

@@ -14,24 +14,33 @@ import numpy as np
 import torch
 
 
-def _atomic(path: Path, write: Callable[[Path], None]) -> None:
-    """Write via a temp file in the same directory, fsync, then rename: never half-written."""
+def _atomic(path: Path, write: Callable[[Path], None], durable: bool = True) -> None:
+    """Write via a temp file in the same directory, fsync, then rename: never half-written.
+
+    ``durable=False`` skips the fsync: the file is still never seen half-written, but a power loss
+    may lose the latest version (fine for scratch state that a checkpoint snapshot makes durable).
+    """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     os.close(fd)
     try:
         write(Path(tmp))
-        with open(tmp, "rb") as f:
-            os.fsync(f.fileno())
+        if durable:
+            fsync_file(Path(tmp))
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
 
 
-def atomic_write_bytes(path: Path, data: bytes) -> None:
-    _atomic(path, lambda p: p.write_bytes(data))
+def fsync_file(path: Path) -> None:
+    with open(path, "rb") as f:
+        os.fsync(f.fileno())
+
+
+def atomic_write_bytes(path: Path, data: bytes, durable: bool = True) -> None:
+    _atomic(path, lambda p: p.write_bytes(data), durable)
 
 
 def atomic_write_text(path: Path, text: str) -> None:
