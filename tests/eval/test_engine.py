@@ -108,3 +108,19 @@ def test_multiple_choice_picks_the_hand_computed_choice(tiny, data_dir):
         expected = "ABCD"[int(torch.stack([logp[x[0]] for x in letter_ids]).argmax())]
         assert rec["pred"] == expected
         assert rec["accuracy"] == float(expected == ex["answer"])
+
+
+def test_prompt_learning_adapters_generate_like_peft_one_at_a_time():
+    """Prefix / P-tuning / prompt tuning prepend virtual tokens inside peft: batched generation
+    through them equals peft's own generate on one prompt at a time."""
+    from fedtune.adapters import attach_adapter
+    from fedtune.config import ModelConfig, PeftConfig
+    from fedtune.models import load_model
+
+    for method in ("prompt_tuning", "prefix", "p_tuning"):
+        model, tok = load_model(ModelConfig(name="tiny-llama"))
+        torch.manual_seed(0)
+        pm = attach_adapter(model.double(), PeftConfig(method=method, num_virtual_tokens=4)).double().eval()
+        got = Engine(pm, tok, batch_size=4, progress=False).generate([GenRequest(p, 6) for p in PROMPTS[:3]])
+        for p, g in zip(PROMPTS[:3], got):
+            assert g.text == _hf_greedy(pm, tok, p, 6), method

@@ -158,14 +158,18 @@ class Engine:
         t0 = time.perf_counter()
         try:
             for batch in self._batches(order, lengths, budget):
-                step = self._generate_hf if _is_prompt_learning(self.model) else self._generate_batch
-                for i, g in zip(batch, step([ids[i] for i in batch], [requests[i] for i in batch])):
+                if _is_prompt_learning(self.model):
+                    gens = self._generate_hf([ids[i] for i in batch], [requests[i] for i in batch])
+                    bar.update(len(batch))
+                else:  # the bar moves as each row finishes
+                    gens = self._generate_batch([ids[i] for i in batch], [requests[i] for i in batch],
+                                                on_done=lambda: bar.update(1))
+                for i, g in zip(batch, gens):
                     g.prompt_tokens = lengths[i]
                     results[i] = g
                     self.stats.generated_tokens += g.num_tokens
                     self.stats.prompt_tokens += lengths[i]
-                bar.update(len(batch))
-                bar.set_postfix(tok_s=f"{self.stats.generated_tokens / max(time.perf_counter() - t0, 1e-9):.0f}")
+                bar.set_postfix(tok_s=f"{self.stats.generated_tokens / max(time.perf_counter() - t0, 1e-9):.1f}")
         finally:
             bar.close()
             self.stats.generate_seconds += time.perf_counter() - t0
@@ -197,7 +201,8 @@ class Engine:
             out[b] = torch.multinomial(probs.cpu(), 1, generator=g).to(out.device)[0]
         return out
 
-    def _generate_batch(self, prompts: list[list[int]], reqs: list[GenRequest]) -> list[Generation]:
+    def _generate_batch(self, prompts: list[list[int]], reqs: list[GenRequest],
+                        on_done: Any = None) -> list[Generation]:
         from transformers import DynamicCache
 
         model = self.model
@@ -224,6 +229,8 @@ class Engine:
                     keep_rows.append(row)
                 else:
                     done[i] = fin
+                    if on_done is not None:
+                        on_done()
             if not keep_rows:
                 break
             if len(keep_rows) < len(active):
@@ -331,8 +338,10 @@ class Engine:
             for batch in self._batches(order, lengths, [0] * len(rows)):
                 seqs = [rows[k][0] + rows[k][1] for k in batch]
                 input_ids, attn = self._left_pad(seqs)
-                pos = (attn.cumsum(-1) - 1).clamp(min=0)
-                out = self.model(input_ids=input_ids, attention_mask=attn, position_ids=pos)
+                kw = {}
+                if not _is_prompt_learning(self.model):  # peft ignores (and warns about) position ids
+                    kw["position_ids"] = (attn.cumsum(-1) - 1).clamp(min=0)
+                out = self.model(input_ids=input_ids, attention_mask=attn, **kw)
                 n = input_ids.shape[1]
                 logits = out.logits[:, -n:, :]
                 if logits.dtype in (torch.float16, torch.bfloat16):
