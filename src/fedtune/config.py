@@ -152,6 +152,14 @@ class EvalConfig(_Section):
     batch_size: int = Field(default=8, ge=1)
     #: also evaluate each client's own (local) adapter on its data, not only the global one.
     local_models: bool = False
+    #: benchmark tasks of ``fedtune eval`` (e.g. ``[gsm8k]``) run on the adapter(s) in the loop,
+    #: on a seeded subset of ``task_limit`` examples, every ``task_every`` rounds (and after the
+    #: last); logged as ``<task>_<metric>`` with the other round metrics. Empty: none.
+    tasks: list[str] = Field(default_factory=list)
+    task_limit: int = Field(default=20, ge=1)
+    task_every: int = Field(default=1, ge=1)
+    #: per-task options as on the command line, e.g. ``{humaneval: {max_new_tokens: 256}}``.
+    task_options: dict[str, dict[str, Any]] = Field(default_factory=dict)
 
 
 class CheckpointConfig(_Section):

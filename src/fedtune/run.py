@@ -175,9 +175,15 @@ def run(cfg: Config, resume: Path | str | None = None, *, verbose: bool = True) 
     logger = MetricsLogger(run_dir, tensorboard=cfg.output.tensorboard, resume_round=resume_round)
 
     hooks = _console_hooks(cfg, echo, verbose)
+    task_eval = None
+    if cfg.eval.tasks:  # benchmark tasks in the loop, on the shared model (fedtune.eval)
+        from fedtune.eval.inloop import InLoopEvaluator
+
+        task_eval = InLoopEvaluator(cfg, pm, tokenizer, device, template, echo=echo)
     server = Server(cfg=cfg, algorithm=algorithm, transport=InProcessTransport(clients),
                     train_clients=train_clients, eval_clients=names, num_train=num_train, models=models,
-                    store=store, logger=logger, run_dir=run_dir, save_adapters=save_adapters, hooks=hooks)
+                    store=store, logger=logger, run_dir=run_dir, save_adapters=save_adapters, hooks=hooks,
+                    task_eval=task_eval)
     server.run(start_round=start)
 
     rows = logger.rows

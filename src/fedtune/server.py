@@ -57,6 +57,9 @@ class Server:
     run_dir: Path
     save_adapters: Callable[[int, dict[str, TensorDict], bool], None]
     hooks: RoundHooks = field(default_factory=RoundHooks)
+    #: benchmark tasks in the loop (``eval.tasks``; :mod:`fedtune.eval.inloop`): called with the
+    #: round and the current adapter(s), returns round metrics and per-client metrics.
+    task_eval: Callable[[int, dict[str, TensorDict]], tuple[dict[str, Any], dict[str, dict[str, Any]]]] | None = None
 
     @property
     def local(self) -> bool:
@@ -136,6 +139,7 @@ class Server:
         row["tokens_per_s"] = row["train_tokens"] / train_s if train_s > 0 else 0.0
         if eval_due:
             row.update(self.evaluate(rnd, client_rows))
+        self.evaluate_tasks(rnd, row, client_rows)
         row["seconds"] = time.perf_counter() - t0
         row["peak_rss_mb"] = peak_rss_mb()
         gpu = gpu_peak_mb()
@@ -191,6 +195,15 @@ class Server:
                         out[f"{split}_loss_mean_of_clients"] = float(np.mean(vals))
         return out
 
+    def evaluate_tasks(self, rnd: int, row: dict[str, Any], client_rows: dict[str, dict[str, Any]]) -> None:
+        """Benchmark tasks on the current adapter(s), when configured and due (it decides)."""
+        if self.task_eval is None:
+            return
+        round_metrics, per_client = self.task_eval(rnd, self.models)
+        row.update(round_metrics)
+        for cid, vals in per_client.items():
+            client_rows.setdefault(cid, {"round": rnd, "kind": "client", "client": cid}).update(vals)
+
     def checkpoint(self, rnd: int, final: bool = False) -> None:
         save_checkpoint(self.run_dir, rnd, self.models, self.store,
                         {"fingerprint": self.cfg.fingerprint()}, keep=self.cfg.checkpoint.keep)
@@ -201,6 +214,7 @@ class Server:
         if start_round == 1 and self.cfg.eval.every > 0:
             # round 0: the untrained adapter, so every curve has its starting point
             row = {"round": 0, "kind": "round", **self.evaluate(0, client_rows := {})}
+            self.evaluate_tasks(0, row, client_rows)
             for r in client_rows.values():
                 self.logger.log(r)
             self.logger.log(row)

