@@ -149,9 +149,8 @@ def decode(data: bytes, *, expect: Spec | None = None, allow_nonfinite: bool = F
     for k, v in metrics.items():
         if v is not None and (not isinstance(v, (int, float)) or isinstance(v, bool)):
             raise MessageError(f"metric '{k}' is not a number")
-    if "codecs" in body:
-        max_elems = expected_elems if expected_elems is not None else MAX_MESSAGE_BYTES // 2
-        tensors = decode_tensors(tensors, body["codecs"], expect=expect, max_elements=max_elems)
+    max_elems = expected_elems if expected_elems is not None else MAX_MESSAGE_BYTES // 2
+    tensors = decode_tensors(tensors, body.get("codecs", {}), expect=expect, max_elements=max_elems)
     if expect is not None:
         if tensors.keys() != expect.keys():
             missing = sorted(expect.keys() - tensors.keys())[:3]
