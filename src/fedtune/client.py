@@ -12,6 +12,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 from functools import cached_property
+from typing import TYPE_CHECKING
 
 import torch
 
@@ -19,10 +20,13 @@ from fedtune.adapters import get_adapter_state, set_adapter_state, trainable_par
 from fedtune.algorithms import Algorithm
 from fedtune.codecs import Pipeline, build_pipeline
 from fedtune.config import Config
-from fedtune.messages import Message
+from fedtune.messages import Message, encode
 from fedtune.state import ClientStateStore, optimizer_from_state, optimizer_to_state
 from fedtune.training import BatchStream, evaluate_loss, make_optimizer, train_local
 from fedtune.utils import derive_seed
+
+if TYPE_CHECKING:
+    from fedtune.distributed import Cluster
 
 
 @dataclass
@@ -35,6 +39,8 @@ class ClientRuntime:
     device: torch.device
     algorithm: Algorithm
     store: ClientStateStore
+    #: clustered mode: this process's place in the client's process group (see fedtune.distributed)
+    cluster: Cluster | None = None
 
     # Codecs come from the config, so any transport that builds a runtime gets them unchanged.
     @cached_property
@@ -77,6 +83,10 @@ class FedClient:
         rnd = int(msg.config.get("round", 0))
         data = self.splits["train"]
         state = rt.store.get(self.cid)
+        if rt.cluster is not None and rt.cluster.leader:
+            # followers train on the same adapter and state (exact fp32 bytes; no local eval)
+            job = Message(msg.tensors, config={k: v for k, v in msg.config.items() if k != "eval_local"})
+            rt.cluster.dispatch(self.cid, encode(job), state.to_bytes())
         set_adapter_state(rt.model, msg.tensors)
         params = [p for _, p in trainable_parameters(rt.model)]
         optimizer = make_optimizer(params, cfg.train)
@@ -97,7 +107,7 @@ class FedClient:
         stats = train_local(
             rt.model, data, stream, optimizer, cfg.train, steps=steps, start_step=start,
             total_steps=cfg.fl.rounds * steps, pad_id=rt.pad_id, device=rt.device,
-            extra_loss=extra, scaler=scaler,
+            extra_loss=extra, scaler=scaler, parallel=rt.cluster.parallel if rt.cluster is not None else None,
         )
         local = get_adapter_state(rt.model)
         rt.algorithm.after_local_train(msg.tensors, local, state)

@@ -119,6 +119,11 @@ class TrainConfig(_Section):
     #: ``disk`` keeps memory flat however many clients there are; ``memory`` is a bit faster.
     client_state: Literal["disk", "memory"] = "disk"
     device: str = "auto"
+    #: clustered mode: processes sharing each client's local training (torch DDP; each takes a
+    #: disjoint slice of every step's examples). 1: a single process. See docs/codecs.md#clustered.
+    world_size: int = Field(default=1, ge=1, le=64)
+    #: ``auto``: NCCL on CUDA devices, gloo on CPU.
+    dist_backend: Literal["auto", "gloo", "nccl"] = "auto"
 
 
 #: Message codec names by role; :mod:`fedtune.codecs` implements each (a contract test keeps the
