@@ -6,7 +6,7 @@ from typing import ClassVar
 
 import torch
 
-from fedtune.codecs.base import FLOAT_DTYPES, PartSpec, TensorDict, TensorStage, numel, register_stage
+from fedtune.codecs.base import FLOAT_DTYPES, PartSpec, TensorStage, numel, register_stage
 from fedtune.config import CommConfig
 from fedtune.errors import MessageError
 
@@ -80,22 +80,39 @@ class _BlockQuant(TensorStage):
         q = torch.round(blocks / safe[:, None]).clamp_(-self.qmax, self.qmax)
         return q.reshape(-1)[:n], scale
 
+    # how the integer codes are stored: subclasses say
     @classmethod
-    def _plan_scale(cls, shape, dtype, p) -> tuple[int, PartSpec]:
+    def _pack(cls, q: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    @classmethod
+    def _unpack(cls, payload: torch.Tensor, n: int) -> torch.Tensor:
+        raise NotImplementedError
+
+    @classmethod
+    def _packed_spec(cls, n: int) -> PartSpec:
+        raise NotImplementedError
+
+    def encode(self, x):
+        q, scale = self._quantise(x)
+        return self._pack(q), {"scale": scale}, {"block": self.block}
+
+    @classmethod
+    def plan(cls, shape, dtype, p):
         _need_float(cls.name, dtype)
         b = p["block"]
         if not 2 <= b <= MAX_BLOCK:
             raise MessageError(f"codec {cls.name}: block {b} out of range 2..{MAX_BLOCK}")
         n = numel(shape)
-        return n, PartSpec((-(-n // b),), torch.float32)
+        return cls._packed_spec(n), {"scale": PartSpec((-(-n // b),), torch.float32)}
 
     @classmethod
-    def _dequantise(cls, q: torch.Tensor, scale: torch.Tensor, b: int, shape, dtype) -> torch.Tensor:
+    def decode(cls, payload, side, p, shape, dtype):
+        scale, b, n = side["scale"], p["block"], numel(shape)
         if not torch.isfinite(scale).all() or (scale < 0).any():
             raise MessageError(f"codec {cls.name}: scales must be finite and non-negative")
-        n = q.numel()
         padded = torch.zeros(scale.numel() * b, dtype=torch.float32)
-        padded[:n] = q.float()
+        padded[:n] = cls._unpack(payload, n).float()
         return (padded.view(-1, b) * scale[:, None]).reshape(-1)[:n].reshape(shape).to(dtype)
 
 
@@ -104,18 +121,17 @@ class Int8(_BlockQuant):
     name = "int8"
     qmax = 127
 
-    def encode(self, x):
-        q, scale = self._quantise(x)
-        return q.to(torch.int8), {"scale": scale}, {"block": self.block}
+    @classmethod
+    def _pack(cls, q):
+        return q.to(torch.int8)
 
     @classmethod
-    def plan(cls, shape, dtype, p):
-        n, scale = cls._plan_scale(shape, dtype, p)
-        return PartSpec((n,), torch.int8), {"scale": scale}
+    def _unpack(cls, payload, n):
+        return payload
 
     @classmethod
-    def decode(cls, payload, side, p, shape, dtype):
-        return cls._dequantise(payload, side["scale"], p["block"], shape, dtype)
+    def _packed_spec(cls, n):
+        return PartSpec((n,), torch.int8)
 
 
 @register_stage
@@ -125,25 +141,21 @@ class Int4(_BlockQuant):
     name = "int4"
     qmax = 7
 
-    def encode(self, x):
-        q, scale = self._quantise(x)
+    @classmethod
+    def _pack(cls, q):
         u = (q + 8).to(torch.uint8)
         if u.numel() % 2:
             u = torch.cat([u, torch.full((1,), 8, dtype=torch.uint8)])
-        packed = u[0::2] | (u[1::2] << 4)
-        return packed, {"scale": scale}, {"block": self.block}
+        return u[0::2] | (u[1::2] << 4)
 
     @classmethod
-    def plan(cls, shape, dtype, p):
-        n, scale = cls._plan_scale(shape, dtype, p)
-        return PartSpec(((n + 1) // 2,), torch.uint8), {"scale": scale}
-
-    @classmethod
-    def decode(cls, payload, side, p, shape, dtype):
-        n = numel(shape)
+    def _unpack(cls, payload, n):
         u = torch.stack([payload & 0xF, payload >> 4], dim=1).reshape(-1)[:n]
-        q = u.to(torch.int16) - 8
-        return cls._dequantise(q, side["scale"], p["block"], shape, dtype)
+        return u.to(torch.int16) - 8
+
+    @classmethod
+    def _packed_spec(cls, n):
+        return PartSpec(((n + 1) // 2,), torch.uint8)
 
 
-__all__ = ["Fp16", "Bf16", "Int8", "Int4", "TensorDict"]
+__all__ = ["Fp16", "Bf16", "Int8", "Int4"]
