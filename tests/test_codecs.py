@@ -384,3 +384,25 @@ def test_server_parse_reply_reports_the_reason():
 def test_numpy_reference_matches_hand_case():
     # keep the reference honest: int8 codes of [1, -0.5] with block 2 are 127, -64
     assert np.allclose(ref_quant(np.array([1.0, -0.5]), 127, 2), [1.0, -64 / 127])
+
+
+def test_clients_check_instructions_against_the_adapter_they_hold():
+    from fedtune.transport import handle_on_client
+
+    class Client:
+        def adapter_spec(self):
+            return SPEC
+
+        def fit(self, msg):
+            return Message(msg.tensors)
+
+    good = encode(Message({k: torch.zeros(s) for k, (s, _) in SPEC.items()}, codec=pipe(["int8", "zstd"])))
+    assert len(decode(handle_on_client(Client(), "fit", good)).tensors) == 2
+    big = b"\0" * (8 << 20)
+    bomb = _forge({"payload": torch.frombuffer(bytearray(zlib.compress(big, 9)), dtype=torch.uint8)},
+                  envelope={"codec": "deflate", "size": len(big)})
+    with pytest.raises(MessageError, match="allowed"):
+        handle_on_client(Client(), "fit", bomb)
+    wrong = encode(Message({"a": torch.zeros(8, 16)}))
+    with pytest.raises(MessageError, match="missing"):
+        handle_on_client(Client(), "evaluate", wrong)
