@@ -210,3 +210,59 @@ def test_bad_client_update_is_rejected_and_round_goes_on(cfg_file, tmp_path, mon
     reasons = {r["client"]: r["rejected"] for r in res.rows if r["kind"] == "client" and r["round"] == 1}
     assert "NaN" in reasons["beta"] and "expected" in reasons["gamma"] and reasons["alpha"] is None
     assert all(torch.isfinite(t).all() for t in _adapter(res.run_dir).values())
+
+
+LOSSY = ["comm.up=[topk,int4,zstd]", "comm.down=[bf16,gzip]", "comm.topk_fraction=0.25", "comm.block_size=32"]
+
+
+def test_lossy_codecs_both_ways_end_to_end_and_resume(cfg_file, tmp_path, monkeypatch):
+    """2 rounds x 3 clients with a lossy up and down codec: bytes counted exactly, the saved adapter
+    is what clients hold, and a crash + resume (error-feedback residuals included) ends the same."""
+    import fedtune.transport as transport
+
+    travelled = []
+    real_handle = transport.handle_on_client
+
+    def spy(client, kind, data):  # measures what really crosses the transport
+        out = real_handle(client, kind, data)
+        travelled.append((client.cid, kind, len(data), len(out)))
+        return out
+
+    monkeypatch.setattr(transport, "handle_on_client", spy)
+    straight = run(load_config(cfg_file, [f"output.dir={tmp_path / 's'}", *LOSSY]), verbose=False)
+    rows = straight.rows
+    fits = [t for t in travelled if t[1] == "fit"]
+    client_rows = [r for r in rows if r["kind"] == "client" and r.get("train_loss") is not None]
+    assert [(r["client"], r["bytes_down"], r["bytes_up"]) for r in client_rows] == [(c, d, u) for c, _, d, u in fits]
+    rounds = [r for r in rows if r["kind"] == "round"]
+    assert rounds[-1]["val_loss"] < rounds[0]["val_loss"]  # it still learns
+    assert all(0 < r["up_rel_error"] < 1 for r in client_rows)
+
+    master = load_file(str(straight.run_dir / "checkpoints" / "round_00002" / "server.safetensors"))
+    saved = _adapter(straight.run_dir)
+    n = sum(t.numel() for t in saved.values())
+    assert all(u < 0.5 * 4 * n for *_, u in fits) and all(d < 0.6 * 4 * n for _, _, d, _ in fits)
+    # the saved adapter is what clients hold (the bf16 image of the server's exact fp32 master)
+    assert len(master) == len(saved)
+    for name, t in master.items():
+        peft_name = name.removeprefix("global/").replace(".default", "")
+        assert torch.equal(saved[peft_name], t.to(torch.bfloat16).float())
+    assert any(not torch.equal(t, t.to(torch.bfloat16).float()) for t in master.values())
+    state = load_file(str(straight.run_dir / "checkpoints" / "round_00002" / "clients" / "alpha.safetensors"))
+    assert any(k.startswith("ef/") for k in state)  # error-feedback residual is checkpointed
+
+    real = Server.run_round
+
+    def crash_in_round_2(self, rnd):
+        if rnd == 2:
+            raise RuntimeError("simulated crash")
+        return real(self, rnd)
+
+    monkeypatch.setattr(Server, "run_round", crash_in_round_2)
+    cfg = load_config(cfg_file, [f"output.dir={tmp_path / 'c'}", *LOSSY])
+    with pytest.raises(RuntimeError, match="simulated crash"):
+        run(cfg, verbose=False)
+    monkeypatch.setattr(Server, "run_round", real)
+    resumed = run(cfg, resume=tmp_path / "c", verbose=False)
+    ta, tb = _adapter(straight.run_dir), _adapter(resumed.run_dir)
+    assert ta.keys() == tb.keys() and all(torch.equal(ta[k], tb[k]) for k in ta)

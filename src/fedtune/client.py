@@ -11,16 +11,22 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from functools import cached_property
+from typing import TYPE_CHECKING
 
 import torch
 
 from fedtune.adapters import get_adapter_state, set_adapter_state, trainable_parameters
 from fedtune.algorithms import Algorithm
+from fedtune.codecs import Pipeline, build_pipeline
 from fedtune.config import Config
-from fedtune.messages import Message
+from fedtune.messages import Message, encode
 from fedtune.state import ClientStateStore, optimizer_from_state, optimizer_to_state
 from fedtune.training import BatchStream, evaluate_loss, make_optimizer, train_local
 from fedtune.utils import derive_seed
+
+if TYPE_CHECKING:
+    from fedtune.distributed import Cluster
 
 
 @dataclass
@@ -33,6 +39,20 @@ class ClientRuntime:
     device: torch.device
     algorithm: Algorithm
     store: ClientStateStore
+    #: clustered mode: this process's place in the client's process group (see fedtune.distributed)
+    cluster: Cluster | None = None
+
+    # Codecs come from the config, so any transport that builds a runtime gets them unchanged.
+    @cached_property
+    def up_codec(self) -> Pipeline:
+        return build_pipeline(self.cfg.comm, "up")
+
+    @cached_property
+    def sends_delta(self) -> bool:
+        """Send the update as a difference from the received adapter whenever a lossy codec runs in
+        either direction: small differences lose less to quantisation than whole weights, and the
+        server adds them to its exact master copy, so downlink rounding never piles up."""
+        return self.up_codec.lossy or build_pipeline(self.cfg.comm, "down").lossy
 
 
 def steps_per_round(cfg: Config, num_train: int) -> int:
@@ -53,12 +73,20 @@ class FedClient:
     def num_train(self) -> int:
         return len(self.splits["train"]) if self.splits["train"] is not None else 0
 
+    def adapter_spec(self) -> dict[str, tuple[tuple[int, ...], torch.dtype]]:
+        """Names/shapes/dtypes of the adapter this client holds: what an instruction must carry."""
+        return {n: (tuple(p.shape), torch.float32) for n, p in trainable_parameters(self.rt.model)}
+
     def fit(self, msg: Message) -> Message:
         """Train on the received adapter; return the new adapter tensors and metrics."""
         rt, cfg = self.rt, self.rt.cfg
         rnd = int(msg.config.get("round", 0))
         data = self.splits["train"]
         state = rt.store.get(self.cid)
+        if rt.cluster is not None and rt.cluster.leader:
+            # followers train on the same adapter and state (exact fp32 bytes; no local eval)
+            job = Message(msg.tensors, config={k: v for k, v in msg.config.items() if k != "eval_local"})
+            rt.cluster.dispatch(self.cid, encode(job), state.to_bytes())
         set_adapter_state(rt.model, msg.tensors)
         params = [p for _, p in trainable_parameters(rt.model)]
         optimizer = make_optimizer(params, cfg.train)
@@ -79,10 +107,11 @@ class FedClient:
         stats = train_local(
             rt.model, data, stream, optimizer, cfg.train, steps=steps, start_step=start,
             total_steps=cfg.fl.rounds * steps, pad_id=rt.pad_id, device=rt.device,
-            extra_loss=extra, scaler=scaler,
+            extra_loss=extra, scaler=scaler, parallel=rt.cluster.parallel if rt.cluster is not None else None,
         )
         local = get_adapter_state(rt.model)
         rt.algorithm.after_local_train(msg.tensors, local, state)
+        update, codec_metrics = self._encode_update(local, msg.tensors, state)
         state.meta["step"] = start + stats.steps
         state.meta["stream"] = stream.state()
         if cfg.train.keep_optimizer_state:
@@ -97,9 +126,34 @@ class FedClient:
             "step_seconds": stats.seconds / stats.steps if stats.steps else 0.0,
             "tokens_per_s": stats.tokens / stats.seconds if stats.seconds > 0 else 0.0,
         }
+        metrics.update(codec_metrics)
         if msg.config.get("eval_local"):
             metrics.update(self._eval_splits(["val"], prefix="local_"))
-        return Message(tensors=local, metrics=metrics)
+        return Message(tensors=update, metrics=metrics, codec=rt.up_codec, delta=rt.sends_delta)
+
+    def _encode_update(self, local: dict[str, torch.Tensor], received: dict[str, torch.Tensor],
+                       state) -> tuple[dict[str, torch.Tensor], dict[str, float]]:
+        """What to send: the adapter itself, or its difference from ``received`` plus the error-
+        feedback residual (what the lossy ``up`` codec dropped last time, kept in the client's state,
+        hence in checkpoints). The residual becomes ``x - C(x)`` for the ``x`` sent now."""
+        rt = self.rt
+        if not rt.sends_delta:
+            return local, {}
+        x = {k: local[k] - received[k] for k in local}
+        if not rt.up_codec.lossy:
+            return x, {}
+        ef = rt.cfg.comm.error_feedback
+        if ef:
+            residual = state.group("ef")
+            if residual:
+                x = {k: x[k] + residual[k] for k in x}
+        sent = rt.up_codec.roundtrip(x)
+        err = {k: x[k] - sent[k] for k in x}
+        if ef:
+            state.set_group("ef", err)
+        norm = math.sqrt(sum(float(v.double().pow(2).sum()) for v in x.values()))
+        lost = math.sqrt(sum(float(v.double().pow(2).sum()) for v in err.values()))
+        return x, {"up_rel_error": lost / norm if norm > 0 else 0.0}
 
     def _eval_splits(self, splits: list[str], prefix: str = "") -> dict[str, float]:
         rt = self.rt

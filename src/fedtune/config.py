@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from fedtune.errors import FedtuneError, did_you_mean
 
@@ -119,6 +119,77 @@ class TrainConfig(_Section):
     #: ``disk`` keeps memory flat however many clients there are; ``memory`` is a bit faster.
     client_state: Literal["disk", "memory"] = "disk"
     device: str = "auto"
+    #: clustered mode: processes sharing each client's local training (torch DDP; each takes a
+    #: disjoint slice of every step's examples). 1: a single process. See docs/codecs.md#clustered.
+    world_size: int = Field(default=1, ge=1, le=64)
+    #: ``auto``: NCCL on CUDA devices, gloo on CPU.
+    dist_backend: Literal["auto", "gloo", "nccl"] = "auto"
+
+
+#: Message codec names by role; :mod:`fedtune.codecs` implements each (a contract test keeps the
+#: two in step). A pipeline is: at most one sparsifier, then at most one value codec, then at most
+#: one byte compressor — in that order (e.g. ``[topk, int8, zstd]``).
+SPARSIFIERS = ("topk",)
+VALUE_CODECS = ("fp16", "bf16", "int8", "int4")
+COMPRESSORS = ("deflate", "gzip", "zstd")
+CODEC_NAMES = SPARSIFIERS + VALUE_CODECS + COMPRESSORS
+
+
+def check_codec_pipeline(names: list[str], where: str) -> None:
+    """Raise ``ValueError`` unless ``names`` is a valid pipeline (known names, sensible order).
+
+    Shared by config validation and by the strict parser of incoming messages.
+    """
+    roles = []
+    for name in names:
+        if name not in CODEC_NAMES:
+            raise ValueError(f"unknown codec '{name}' in {where}{did_you_mean(name, CODEC_NAMES)}; "
+                             f"valid: {', '.join(CODEC_NAMES)}")
+        roles.append(0 if name in SPARSIFIERS else 1 if name in VALUE_CODECS else 2)
+    if len(set(roles)) != len(roles) or roles != sorted(roles):
+        raise ValueError(f"{where} = {list(names)}: use at most one sparsifier ({', '.join(SPARSIFIERS)}), "
+                         f"then at most one value codec ({', '.join(VALUE_CODECS)}), then at most one "
+                         f"compressor ({', '.join(COMPRESSORS)}), in that order, e.g. [topk, int8, zstd]")
+
+
+class CommConfig(_Section):
+    """Message codecs per direction (see docs/codecs.md). ``[]`` sends plain fp32 safetensors.
+
+    ``up`` is client → server (the update), ``down`` server → client (the global adapter). With a
+    lossy codec in either direction clients send their update as a difference from the adapter they
+    received, and the server keeps an exact fp32 master copy (no rounding error piles up).
+    """
+
+    up: list[str] = Field(default_factory=list)
+    down: list[str] = Field(default_factory=list)
+    #: int8/int4: values per block sharing one fp32 scale (smaller: more accurate, more bytes).
+    block_size: int = Field(default=64, ge=2, le=1 << 20)
+    #: topk: fraction of each tensor's entries sent (at least one per tensor).
+    topk_fraction: float = Field(default=0.1, gt=0, le=1)
+    #: keep what a lossy ``up`` codec dropped on the client and add it to the next update
+    #: (error feedback; Seide et al. 2014, Karimireddy et al. 2019, https://arxiv.org/abs/1901.09847).
+    error_feedback: bool = True
+    #: compressor level (deflate/gzip 0-9, default 6; zstd 1-22, default 3); ``null``: default.
+    level: int | None = None
+
+    @field_validator("up", "down")
+    @classmethod
+    def _pipeline(cls, v: list[str], info) -> list[str]:
+        check_codec_pipeline(v, f"comm.{info.field_name}")
+        if info.field_name == "down" and any(n in SPARSIFIERS for n in v):
+            raise ValueError("comm.down cannot use topk: the global adapter is sent whole (a client may "
+                             "not hold the previous one to add a sparse difference to); use it in comm.up")
+        return v
+
+    @model_validator(mode="after")
+    def _level(self) -> CommConfig:
+        if self.level is None:
+            return self
+        for name in {*self.up, *self.down} & set(COMPRESSORS):
+            lo, hi = (1, 22) if name == "zstd" else (0, 9)
+            if not lo <= self.level <= hi:
+                raise ValueError(f"comm.level={self.level} is out of range for {name} ({lo}-{hi})")
+        return self
 
 
 class FLConfig(_Section):
@@ -188,6 +259,7 @@ class Config(_Section):
     fl: FLConfig = Field(default_factory=FLConfig)
     eval: EvalConfig = Field(default_factory=EvalConfig)
     checkpoint: CheckpointConfig = Field(default_factory=CheckpointConfig)
+    comm: CommConfig = Field(default_factory=CommConfig)
     output: OutputConfig = Field(default_factory=OutputConfig)
 
     def to_dict(self) -> dict[str, Any]:

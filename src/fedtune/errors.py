@@ -16,6 +16,14 @@ class FedtuneError(Exception):
     """An error caused by user input, reported without a traceback."""
 
 
+class MessageError(FedtuneError):
+    """Bytes that failed strict parsing (malformed, hostile, non-finite, wrong shapes, unknown codec).
+
+    Raised by :mod:`fedtune.codecs` and :mod:`fedtune.messages`; a server that gets one from a reply
+    logs the reason and goes on without that client.
+    """
+
+
 def did_you_mean(word: str, choices: Iterable[str]) -> str:
     """Return ``" (did you mean 'x'?)"`` for the closest choice, or ``""`` when none is close."""
     close = difflib.get_close_matches(str(word), [str(c) for c in choices], n=1, cutoff=0.5)

@@ -5,6 +5,12 @@ with name and shape in the header) and a JSON metadata block for metrics/config.
 those bytes is what fedtune reports as bytes up/down, in simulation as in deployment.
 The in-process transport really encodes and decodes every message, so both paths run the same
 bytes through the same parser.
+
+With a codec pipeline (``Message.codec``, see :mod:`fedtune.codecs` and docs/codecs.md) each
+floating-point tensor ``w`` travels as parts ``w::data`` (+ ``w::scale``, ``w::idx``) and its spec
+(original dtype and shape, each stage's name and parameters) rides in the metadata; a compressor
+wraps the whole serialised message in an envelope — again safetensors: one ``uint8`` tensor
+``payload`` and ``{"codec": ..., "size": ...}``. Decoding needs no configuration and trusts none of it.
 """
 
 from __future__ import annotations
@@ -15,11 +21,21 @@ from typing import Any
 
 import torch
 
-from fedtune.errors import FedtuneError
+from fedtune.codecs import COMPRESSOR_TYPES, Pipeline, decode_tensors, encode_tensors
+from fedtune.codecs.base import DTYPES, Spec, numel
+from fedtune.errors import MessageError
+
+__all__ = ["MAX_MESSAGE_BYTES", "Message", "MessageError", "decode", "encode"]
 
 _META_KEY = "fedtune"
+_ENVELOPE_KEY = "fedtune_envelope"
+_PAYLOAD = "payload"
 #: refuse to parse messages whose header declares more than this many bytes (hostile input).
 MAX_MESSAGE_BYTES = 4 << 30
+#: bytes of decoded message allowed per expected tensor element (fp64 top-k at fraction 1 needs
+#: 12) plus room for header and metrics: the cap on what a compressed message may expand to.
+_BYTES_PER_ELEMENT = 16
+_HEADER_ROOM = 1 << 20
 
 
 @dataclass
@@ -27,23 +43,36 @@ class Message:
     tensors: dict[str, torch.Tensor] = field(default_factory=dict)
     metrics: dict[str, float] = field(default_factory=dict)
     config: dict[str, Any] = field(default_factory=dict)
+    #: how to encode the tensors on the wire (``None``: plain safetensors); not itself sent —
+    #: the bytes describe themselves.
+    codec: Pipeline | None = None
+    #: the tensors are a difference from the adapter the receiver sent (sent on the wire)
+    delta: bool = False
 
 
 def encode(msg: Message) -> bytes:
     from safetensors.torch import save
 
-    meta = json.dumps({"metrics": msg.metrics, "config": msg.config}, sort_keys=True)
+    meta: dict[str, Any] = {"metrics": msg.metrics, "config": msg.config}
+    if msg.delta:
+        meta["delta"] = True
     tensors = {k: v.detach().contiguous().cpu() for k, v in msg.tensors.items()}
-    return save(tensors, metadata={_META_KEY: meta})
+    pipe = msg.codec
+    if pipe is not None and pipe.stages:
+        tensors, specs = encode_tensors(tensors, pipe.stages)
+        if specs:
+            meta["codecs"] = specs
+    data = save(tensors, metadata={_META_KEY: json.dumps(meta, sort_keys=True)})
+    if pipe is not None and pipe.compressor is not None:
+        body = pipe.compressor.compress(data)
+        env = json.dumps({"codec": pipe.compressor.name, "size": len(data)})
+        data = save({_PAYLOAD: torch.frombuffer(bytearray(body), dtype=torch.uint8)},
+                    metadata={_ENVELOPE_KEY: env})
+    return data
 
 
-class MessageError(FedtuneError):
-    """A message that failed strict parsing (malformed, non-finite, wrong shapes)."""
-
-
-def decode(data: bytes, *, expect: dict[str, tuple[tuple[int, ...], torch.dtype]] | None = None,
-           allow_nonfinite: bool = False) -> Message:
-    """Parse bytes strictly. ``expect`` maps names to (shape, dtype) the receiver requires."""
+def _read(data: bytes) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """Strictly parse one safetensors blob: (tensors, metadata)."""
     from safetensors import SafetensorError
     from safetensors.torch import load
 
@@ -56,16 +85,72 @@ def decode(data: bytes, *, expect: dict[str, tuple[tuple[int, ...], torch.dtype]
         raise MessageError(f"header declares {header_len} bytes but only {len(data) - 8} follow")
     try:
         header = json.loads(data[8 : 8 + header_len])
+        if not isinstance(header, dict):
+            raise ValueError("header is not an object")
+        # validated by the safetensors library: offsets, sizes vs dtype x shape, no overlaps
         tensors = load(data)
-    except (SafetensorError, ValueError, UnicodeDecodeError) as e:
+    except (SafetensorError, ValueError, UnicodeDecodeError, RecursionError, TypeError) as e:
         raise MessageError(f"malformed message: {e}") from None
-    raw_meta = (header.get("__metadata__") or {}).get(_META_KEY, "{}")
+    meta = header.get("__metadata__") or {}
+    if not isinstance(meta, dict) or not all(isinstance(v, str) for v in meta.values()):
+        raise MessageError("malformed message metadata")
+    for k, t in tensors.items():
+        if t.dtype not in DTYPES.values():
+            raise MessageError(f"tensor '{k}' has dtype {t.dtype}, which messages never carry")
+    return tensors, meta
+
+
+def _json(raw: str, what: str) -> Any:
     try:
-        meta = json.loads(raw_meta)
-    except ValueError:
-        raise MessageError("malformed message metadata") from None
-    if not isinstance(meta, dict):
+        return json.loads(raw)
+    except (ValueError, RecursionError):
+        raise MessageError(f"malformed {what}") from None
+
+
+def _open_envelope(tensors: dict[str, torch.Tensor], raw_env: str, limit: int) -> bytes:
+    env = _json(raw_env, "compression envelope")
+    if not isinstance(env, dict) or set(env) != {"codec", "size"}:
+        raise MessageError("compression envelope must hold exactly codec and size")
+    name, size = env["codec"], env["size"]
+    if not isinstance(name, str) or name not in COMPRESSOR_TYPES:
+        raise MessageError(f"unknown compressor {name!r}")
+    if not isinstance(size, int) or isinstance(size, bool) or not 8 <= size <= limit:
+        raise MessageError(f"compressed message declares {size!r} bytes; allowed 8..{limit}")
+    if set(tensors) != {_PAYLOAD} or tensors[_PAYLOAD].dtype != torch.uint8 or tensors[_PAYLOAD].dim() != 1:
+        raise MessageError("compression envelope must hold exactly one uint8 vector 'payload'")
+    return COMPRESSOR_TYPES[name].decompress(tensors[_PAYLOAD].numpy().tobytes(), size)
+
+
+def decode(data: bytes, *, expect: Spec | None = None, allow_nonfinite: bool = False) -> Message:
+    """Parse bytes strictly. ``expect`` maps names to (shape, dtype) the receiver requires.
+
+    With ``expect``, a compressed message may expand to at most about 16 bytes per expected
+    element, and coded tensors' declared shapes are checked before anything is rebuilt.
+    """
+    tensors, meta = _read(data)
+    if expect is not None:
+        expected_elems = sum(numel(tuple(s)) for s, _ in expect.values())
+        limit = min(MAX_MESSAGE_BYTES, _BYTES_PER_ELEMENT * expected_elems + _HEADER_ROOM)
+    else:
+        expected_elems, limit = None, MAX_MESSAGE_BYTES
+    if _ENVELOPE_KEY in meta:
+        if set(meta) != {_ENVELOPE_KEY}:
+            raise MessageError("a compression envelope carries nothing but its payload")
+        tensors, meta = _read(_open_envelope(tensors, meta[_ENVELOPE_KEY], limit))
+        if _ENVELOPE_KEY in meta:
+            raise MessageError("nested compression envelopes are not allowed")
+    body = _json(meta.get(_META_KEY, "{}"), "message metadata")
+    if not isinstance(body, dict):
         raise MessageError("message metadata is not an object")
+    metrics, config = body.get("metrics") or {}, body.get("config") or {}
+    delta = body.get("delta", False)
+    if not isinstance(metrics, dict) or not isinstance(config, dict) or not isinstance(delta, bool):
+        raise MessageError("message metadata: metrics and config must be objects, delta a boolean")
+    for k, v in metrics.items():
+        if v is not None and (not isinstance(v, (int, float)) or isinstance(v, bool)):
+            raise MessageError(f"metric '{k}' is not a number")
+    max_elems = expected_elems if expected_elems is not None else MAX_MESSAGE_BYTES // 2
+    tensors = decode_tensors(tensors, body.get("codecs", {}), expect=expect, max_elements=max_elems)
     if expect is not None:
         if tensors.keys() != expect.keys():
             missing = sorted(expect.keys() - tensors.keys())[:3]
@@ -79,8 +164,4 @@ def decode(data: bytes, *, expect: dict[str, tuple[tuple[int, ...], torch.dtype]
         for k, t in tensors.items():
             if t.is_floating_point() and not torch.isfinite(t).all():
                 raise MessageError(f"tensor '{k}' holds NaN or Inf")
-    metrics = meta.get("metrics") or {}
-    for k, v in metrics.items():
-        if v is not None and (not isinstance(v, (int, float)) or isinstance(v, bool)):
-            raise MessageError(f"metric '{k}' is not a number")
-    return Message(tensors=tensors, metrics=metrics, config=meta.get("config") or {})
+    return Message(tensors=tensors, metrics=metrics, config=config, delta=delta)

@@ -118,38 +118,117 @@ def _pooled(tok: dict[str, dict[str, Any]]):
 
 def run(cfg: Config, resume: Path | str | None = None, *, verbose: bool = True) -> RunResult:
     """Run (or resume) the federated fine-tuning described by ``cfg``."""
-    from fedtune.data import build_federated_data, get_template
-
     t_start = time.perf_counter()
     run_dir = _prepare_run_dir(cfg, Path(resume) if resume else None)
     save_config(cfg, run_dir / "config.yaml")
     seed_everything(cfg.seed)
     echo = (lambda s: print(s, flush=True)) if verbose else (lambda s: None)
 
-    device = resolve_device(cfg.train.device)
+    cluster, followers, threads = None, [], torch.get_num_threads()
+    if cfg.train.world_size > 1:  # clustered mode: start the followers first, they load in parallel
+        addr, followers = start_followers(cfg)
+    try:
+        b = _build(cfg, rank_device(resolve_device(cfg.train.device), 0),
+                   ClientStateStore(run_dir / "state" / "clients" if cfg.train.client_state == "disk" else None))
+        if followers:
+            cluster = join_cluster(b.rt, 0, cfg, addr)
+        return _run_server(cfg, b, run_dir, resume, echo, verbose, t_start)
+    finally:
+        if cluster is not None:
+            cluster.stop()
+        for p in followers:
+            p.join(timeout=30)
+            if p.is_alive():
+                p.terminate()
+        torch.set_num_threads(threads)
+
+
+@dataclass
+class _Built:
+    """Everything a process needs to act as the clients (and, on the leader, to run the server)."""
+
+    pm: Any
+    rt: ClientRuntime
+    clients: dict[str, FedClient]
+    names: list[str]
+    train_clients: list[str]
+    init: dict[str, torch.Tensor]
+    algorithm: Any
+
+
+def rank_device(device: torch.device, rank: int) -> torch.device:
+    """Clustered mode on GPUs: rank r uses GPU r (mod the GPUs present)."""
+    if device.type == "cuda" and device.index is None:
+        return torch.device("cuda", rank % max(1, torch.cuda.device_count()))
+    return device
+
+
+def _build(cfg: Config, device: torch.device, store: ClientStateStore) -> _Built:
+    from fedtune.data import build_federated_data
+
     model, tokenizer = load_model(cfg.model)
     fed = build_federated_data(cfg.data, cfg.seed)
     if len(fed.clients) < 1:
         raise FedtuneError("the data split produced no clients")
     tok = _tokenize_clients(fed, tokenizer, cfg, [c.name for c in fed.clients])
     names = [c.name for c in fed.clients]
-    echo(f"fedtune: {cfg.model.name} + {cfg.peft.method}, {len(names)} clients "
-         f"({cfg.fl.scenario}, {cfg.fl.algorithm}), {cfg.fl.rounds} rounds → {run_dir}")
-
     torch.manual_seed(derive_seed(cfg.seed, "adapter-init"))
     pm = attach_adapter(model, cfg.peft, tokenizer).to(device)
     init = get_adapter_state(pm)
     algorithm = get_algorithm(cfg.fl.algorithm, weighting=cfg.fl.weighting)
-    store = ClientStateStore(run_dir / "state" / "clients" if cfg.train.client_state == "disk" else None)
     rt = ClientRuntime(model=pm, pad_id=tokenizer.pad_token_id, cfg=cfg, device=device,
                        algorithm=algorithm, store=store)
-
     clients: dict[str, FedClient] = {n: FedClient(n, rt, **tok[n]) for n in names}
     if cfg.fl.scenario == "global":
         clients[GLOBAL] = FedClient(GLOBAL, rt, train=_pooled(tok))
         train_clients = [GLOBAL]
     else:
         train_clients = names
+    return _Built(pm, rt, clients, names, train_clients, init, algorithm)
+
+
+def start_followers(cfg: Config, host: str = "127.0.0.1") -> tuple[str, list]:
+    """Clustered mode, leader side: spawn ranks 1..world_size-1 on this machine, each building the
+    model and clients from ``cfg`` (:func:`follower_main`). Returns the rendezvous address for
+    :func:`join_cluster` and the processes. Splits this machine's CPU threads between the ranks."""
+    from fedtune.distributed import free_port, spawn_followers, threads_per_rank
+
+    addr = f"tcp://{host}:{free_port()}"
+    procs = spawn_followers(cfg.train.world_size, follower_main, (addr, cfg.to_dict()))
+    torch.set_num_threads(threads_per_rank(cfg.train.world_size))
+    return addr, procs
+
+
+def join_cluster(rt: ClientRuntime, rank: int, cfg: Config, addr: str):
+    """Join the client's process group as ``rank`` and wrap the shared model in DDP; sets
+    ``rt.cluster``, after which ``FedClient.fit`` trains on all ranks (the leader dispatches)."""
+    from fedtune.distributed import Cluster, DataParallel, backend_for, init_group
+
+    init_group(rank, cfg.train.world_size, addr, backend_for(rt.device, cfg.train.dist_backend))
+    rt.cluster = Cluster(rank, cfg.train.world_size, DataParallel(rt.model, rt.device))
+    return rt.cluster
+
+
+def follower_main(rank: int, world: int, addr: str, cfg_dict: dict) -> None:
+    """Entry point of a clustered-mode follower process (rank >= 1; see fedtune.distributed)."""
+    from fedtune.distributed import follow, threads_per_rank
+
+    logging.basicConfig(level=logging.WARNING)
+    torch.set_num_threads(threads_per_rank(world))
+    cfg = config_from_dict(cfg_dict)
+    seed_everything(cfg.seed)
+    b = _build(cfg, rank_device(resolve_device(cfg.train.device), rank), ClientStateStore(None))
+    follow(join_cluster(b.rt, rank, cfg, addr), b.clients, b.rt.store)
+
+
+def _run_server(cfg: Config, b: _Built, run_dir: Path, resume, echo, verbose: bool, t_start: float) -> RunResult:
+    from fedtune.data import get_template
+
+    pm, rt, clients, names, train_clients, init = b.pm, b.rt, b.clients, b.names, b.train_clients, b.init
+    store, algorithm = rt.store, b.algorithm
+    echo(f"fedtune: {cfg.model.name} + {cfg.peft.method}, {len(names)} clients "
+         f"({cfg.fl.scenario}, {cfg.fl.algorithm}), {cfg.fl.rounds} rounds"
+         f"{f' on {cfg.train.world_size} processes per client' if cfg.train.world_size > 1 else ''} → {run_dir}")
     num_train = {cid: clients[cid].num_train for cid in train_clients}
     models = {cid: dict(init) for cid in names} if cfg.fl.scenario == "local" else {GLOBAL: init}
 

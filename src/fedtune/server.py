@@ -13,6 +13,7 @@ import math
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from functools import cached_property
 from pathlib import Path
 from typing import Any
 
@@ -21,6 +22,7 @@ import torch
 
 from fedtune.algorithms import Algorithm, ClientUpdate
 from fedtune.checkpoint import save_checkpoint
+from fedtune.codecs import Pipeline, build_pipeline
 from fedtune.config import Config
 from fedtune.messages import Message
 from fedtune.metrics import MetricsLogger, gpu_peak_mb, peak_rss_mb
@@ -68,6 +70,29 @@ class Server:
     def model_for(self, cid: str) -> TensorDict:
         return self.models[cid] if self.local else self.models[GLOBAL]
 
+    # ---- codecs ------------------------------------------------------------------------
+    # ``self.models`` is the server's exact fp32 master copy. What clients hold is what the ``down``
+    # codec makes of it, ``as_sent(master)``: a deterministic function of the master, computed by the
+    # same code that decodes the bytes. Clients send differences from what they hold; the server
+    # adds them to the master (so downlink rounding is never compounded round after round), while
+    # evaluation (it goes through the same codec) and the saved adapters show what clients hold.
+    # Checkpoints keep the master, so a resumed run continues exactly.
+    @cached_property
+    def down_codec(self) -> Pipeline:
+        return build_pipeline(self.cfg.comm, "down")
+
+    def as_sent(self, tensors: TensorDict) -> TensorDict:
+        """The adapter a client decodes when the server sends ``tensors``."""
+        return self.down_codec.roundtrip(tensors)
+
+    def to_weights(self, r: Reply) -> TensorDict:
+        """A fit reply's tensors as full adapter weights (a difference is added to the master)."""
+        assert r.message is not None
+        if not r.message.delta:
+            return r.message.tensors
+        ref = self.model_for(r.cid)
+        return {k: ref[k] + v for k, v in r.message.tensors.items()}
+
     def expect(self, cids: list[str]) -> dict[str, dict[str, tuple[tuple[int, ...], torch.dtype]]]:
         """Per client, the tensor names/shapes/dtypes its reply must have (what it was sent), so
         clients may hold differently shaped adapters (e.g. heterogeneous LoRA ranks)."""
@@ -90,10 +115,11 @@ class Server:
             self.hooks.on_round_start(rnd, sampled)
         eval_due = self.eval_due(rnd)
         fit_config = {"round": rnd, "eval_local": eval_due and self.cfg.eval.local_models}
+        down = self.down_codec
         if self.local:
-            ins = {cid: Message(self.models[cid], config=fit_config) for cid in sampled}
+            ins = {cid: Message(self.models[cid], config=fit_config, codec=down) for cid in sampled}
         else:
-            broadcast = Message(self.models[GLOBAL], config=fit_config)
+            broadcast = Message(self.models[GLOBAL], config=fit_config, codec=down)  # encoded once
             ins = {cid: broadcast for cid in sampled}
         stream = self.algorithm.streaming and not self.local
         acc = self.algorithm.begin(self.models[GLOBAL]) if stream else None
@@ -103,6 +129,7 @@ class Server:
                 self.hooks.on_reply("fit", r)
             if r.message is None:
                 return
+            r.message.tensors, r.message.delta = self.to_weights(r), False
             u = ClientUpdate(r.cid, r.message.tensors, self.num_train[r.cid], r.message.metrics)
             if self.local:
                 self.models[r.cid] = u.tensors
@@ -125,7 +152,7 @@ class Server:
             m = u.metrics
             client_rows[u.cid].update({k: m[k] for k in ("train_loss", "lr", "steps", "train_tokens",
                                                           "tokens_per_s", "skipped_nonfinite",
-                                                          "step_seconds") if k in m})
+                                                          "step_seconds", "up_rel_error") if k in m})
             if "local_val_tokens" in m and m["local_val_tokens"]:
                 client_rows[u.cid]["local_val_loss"] = m["local_val_loss_sum"] / m["local_val_tokens"]
         row: dict[str, Any] = {
@@ -165,10 +192,12 @@ class Server:
     def evaluate(self, rnd: int, client_rows: dict[str, dict[str, Any]] | None = None) -> dict[str, Any]:
         """Loss/perplexity of the current adapter(s) on every eval client's val/test data."""
         splits = self.cfg.eval.splits
+        down = self.down_codec
         if self.local:
-            ins = {cid: Message(self.model_for(cid), config={"splits": splits}) for cid in self.eval_clients}
+            ins = {cid: Message(self.model_for(cid), config={"splits": splits}, codec=down)
+                   for cid in self.eval_clients}
         else:
-            broadcast = Message(self.models[GLOBAL], config={"splits": splits})
+            broadcast = Message(self.models[GLOBAL], config={"splits": splits}, codec=down)
             ins = {cid: broadcast for cid in self.eval_clients}
         replies = self.transport.send("evaluate", ins,
                                       on_reply=lambda r: self.hooks.on_reply and self.hooks.on_reply("evaluate", r))
@@ -207,7 +236,7 @@ class Server:
     def checkpoint(self, rnd: int, final: bool = False) -> None:
         save_checkpoint(self.run_dir, rnd, self.models, self.store,
                         {"fingerprint": self.cfg.fingerprint()}, keep=self.cfg.checkpoint.keep)
-        self.save_adapters(rnd, self.models, final)
+        self.save_adapters(rnd, {k: self.as_sent(v) for k, v in self.models.items()}, final)
 
     def run(self, start_round: int = 1) -> list[dict[str, Any]]:
         rows = []

@@ -38,6 +38,14 @@ class ClientState:
         for k, v in (tensors or {}).items():
             self.tensors[p + k] = v.detach().cpu()
 
+    def to_bytes(self) -> bytes:
+        """safetensors bytes (tensors + JSON meta): how a state is stored, or handed to a peer."""
+        return _encode_state(self)
+
+    @classmethod
+    def from_bytes(cls, data: bytes) -> ClientState:
+        return _decode_state(data)
+
 
 def _encode_state(state: ClientState) -> bytes:
     from safetensors.torch import save

@@ -14,12 +14,16 @@ import time
 from collections.abc import Callable, Sequence
 from contextlib import nullcontext
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
 
 from fedtune.config import TrainConfig
 from fedtune.utils import derive_seed
+
+if TYPE_CHECKING:
+    from fedtune.distributed import DataParallel
 
 IGNORE = -100
 
@@ -155,9 +159,21 @@ def train_local(
     extra_loss: Callable[[torch.nn.Module], torch.Tensor] | None = None,
     scaler: torch.amp.GradScaler | None = None,
     on_step: Callable[[TrainStats], None] | None = None,
+    parallel: DataParallel | None = None,
 ) -> TrainStats:
-    """Run ``steps`` optimizer steps of local training and return what happened."""
+    """Run ``steps`` optimizer steps of local training and return what happened.
+
+    ``parallel`` (clustered mode, :mod:`fedtune.distributed`) spreads each step's examples over
+    several processes: this process trains on its slice through the DDP-wrapped model, the loss is
+    normalised by the token count of the *whole* step (summed over ranks), and DDP's mean of the
+    gradients is undone (``* world``), so the update equals single-process training on the step.
+    Every rank then runs every micro-batch's backward, even one without labels or with a
+    non-finite loss, so no rank waits forever in the all-reduce; the NaN/Inf guard still skips
+    the step on all ranks alike (the all-reduced gradients are non-finite everywhere).
+    """
     params = [p for g in optimizer.param_groups for p in g["params"]]
+    world = parallel.world if parallel is not None else 1
+    forward = parallel.model if parallel is not None else model
     stats = TrainStats()
     model.train()
     t0 = time.perf_counter()
@@ -166,29 +182,47 @@ def train_local(
         for g in optimizer.param_groups:
             g["lr"] = lr
         micro = [next(stream) for _ in range(cfg.grad_accum)]
+        masked = False
+        if parallel is not None:
+            micro, masked = parallel.shard(micro, cfg.batch_size)
         batches = [collate([data.input_ids[j] for j in b], [data.labels[j] for j in b], pad_id, device)
                    for b in micro]
+        if masked:
+            batches[0]["labels"].fill_(IGNORE)
         counts = [_n_label_tokens(b["labels"]) for b in batches]
         total = sum(counts)
+        if parallel is not None:
+            total = int(parallel.all_sum([total])[0])
         optimizer.zero_grad(set_to_none=True)
-        step_loss = 0.0
+        step_loss, step_tokens, step_examples = 0.0, 0, 0
         finite = total > 0
-        for batch, n in zip(batches, counts):
-            if n == 0:
+        for j, (batch, n) in enumerate(zip(batches, counts)):
+            if n == 0 and parallel is None:
                 continue
-            with autocast_context(cfg.precision, device):
-                out = model(**batch)
-            # Exact token-level mean over the whole accumulation group.
-            loss = out.loss.float() * (n / total)
-            if extra_loss is not None:
-                loss = loss + extra_loss(model) * (n / total)
-            if not torch.isfinite(loss):
-                finite = False
-                break
-            (scaler.scale(loss) if scaler is not None else loss).backward()
-            step_loss += float(out.loss.detach().float()) * n
-            stats.tokens += int(batch["attention_mask"].sum())
-            stats.examples += batch["input_ids"].shape[0]
+            sync = parallel.no_sync(last=j == len(batches) - 1) if parallel is not None else nullcontext()
+            with sync:
+                with autocast_context(cfg.precision, device):
+                    out = forward(**batch)
+                if n == 0:  # clustered mode: keep in step with the other ranks, contribute nothing
+                    loss = out.logits.float().sum() * 0.0
+                else:
+                    # Exact token-level mean over the whole accumulation group (all ranks).
+                    loss = out.loss.float() * (n / total * world)
+                    if extra_loss is not None:
+                        loss = loss + extra_loss(model) * (n / total * world)
+                if not torch.isfinite(loss):
+                    finite = False
+                    if parallel is None:
+                        break
+                (scaler.scale(loss) if scaler is not None else loss).backward()
+            if n:
+                step_loss += float(out.loss.detach().float()) * n
+                step_tokens += int(batch["attention_mask"].sum())
+                step_examples += batch["input_ids"].shape[0]
+        if parallel is not None:
+            step_loss, step_tokens, step_examples = parallel.all_sum([step_loss, step_tokens, step_examples])
+        stats.tokens += int(step_tokens)
+        stats.examples += int(step_examples)
         if finite:
             if scaler is not None:
                 scaler.unscale_(optimizer)

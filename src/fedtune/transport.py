@@ -55,7 +55,10 @@ def handle_on_client(client, kind: str, data: bytes) -> bytes:
     """Client side of one exchange: parse the instruction, run ``client.fit``/``evaluate``, encode."""
     if kind not in ("fit", "evaluate"):
         raise MessageError(f"unknown message kind '{kind}'")
-    received = decode(data)
+    # The client knows the adapter it holds: the instruction must match it (and a compressed
+    # instruction may not expand past its size).
+    spec = client.adapter_spec() if hasattr(client, "adapter_spec") else None
+    received = decode(data, expect=spec)
     answer = client.fit(received) if kind == "fit" else client.evaluate(received)
     return encode(answer)
 
@@ -68,7 +71,8 @@ def parse_reply(cid: str, kind: str, up: bytes | None, *, bytes_down: int, secon
         log.warning("no %s reply from client %s: %s", kind, cid, error)
         return Reply(cid, None, bytes_down, 0, seconds, error=error or "no reply")
     try:
-        parsed = decode(up, expect=expect if kind == "fit" else None)
+        # an evaluate reply carries metrics only: expecting no tensors also caps its size
+        parsed = decode(up, expect=expect if kind == "fit" else {})
         return Reply(cid, parsed, bytes_down, len(up), seconds)
     except MessageError as e:
         log.warning("rejected %s reply from client %s: %s", kind, cid, e)
