@@ -116,42 +116,43 @@ def _pooled(tok: dict[str, dict[str, Any]]):
     return TokenizedDataset.concat([v["train"] for v in tok.values()])
 
 
-def run(cfg: Config, resume: Path | str | None = None, *, verbose: bool = True) -> RunResult:
-    """Run (or resume) the federated fine-tuning described by ``cfg``."""
-    from fedtune.data import build_federated_data, get_template
+@dataclass
+class AdapterModel:
+    """The frozen base model with its adapter attached, and the adapter's initial tensors.
 
-    t_start = time.perf_counter()
-    run_dir = _prepare_run_dir(cfg, Path(resume) if resume else None)
-    save_config(cfg, run_dir / "config.yaml")
-    seed_everything(cfg.seed)
-    echo = (lambda s: print(s, flush=True)) if verbose else (lambda s: None)
+    Built identically by the simulation, the deployment's server (which needs it only for the
+    adapter's shapes, initialisation and saving in PEFT format) and each deployed client.
+    """
 
+    model: torch.nn.Module  # PeftModel over the frozen base
+    tokenizer: Any
+    init: dict[str, torch.Tensor]
+    device: torch.device
+
+
+def build_adapter_model(cfg: Config, base=None) -> AdapterModel:
+    """Attach ``cfg.peft`` to the base model (``base``: an already loaded (model, tokenizer))."""
     device = resolve_device(cfg.train.device)
-    model, tokenizer = load_model(cfg.model)
+    model, tokenizer = base if base is not None else load_model(cfg.model)
+    torch.manual_seed(derive_seed(cfg.seed, "adapter-init"))
+    pm = attach_adapter(model, cfg.peft, tokenizer).to(device)
+    return AdapterModel(model=pm, tokenizer=tokenizer, init=get_adapter_state(pm), device=device)
+
+
+def load_client_data(cfg: Config, tokenizer) -> dict[str, dict[str, Any]]:
+    """Every client's tokenised train/val/test splits, in the splitter's client order."""
+    from fedtune.data import build_federated_data
+
     fed = build_federated_data(cfg.data, cfg.seed)
     if len(fed.clients) < 1:
         raise FedtuneError("the data split produced no clients")
-    tok = _tokenize_clients(fed, tokenizer, cfg, [c.name for c in fed.clients])
-    names = [c.name for c in fed.clients]
-    echo(f"fedtune: {cfg.model.name} + {cfg.peft.method}, {len(names)} clients "
-         f"({cfg.fl.scenario}, {cfg.fl.algorithm}), {cfg.fl.rounds} rounds → {run_dir}")
+    return _tokenize_clients(fed, tokenizer, cfg, [c.name for c in fed.clients])
 
-    torch.manual_seed(derive_seed(cfg.seed, "adapter-init"))
-    pm = attach_adapter(model, cfg.peft, tokenizer).to(device)
-    init = get_adapter_state(pm)
-    algorithm = get_algorithm(cfg.fl.algorithm, weighting=cfg.fl.weighting)
-    store = ClientStateStore(run_dir / "state" / "clients" if cfg.train.client_state == "disk" else None)
-    rt = ClientRuntime(model=pm, pad_id=tokenizer.pad_token_id, cfg=cfg, device=device,
-                       algorithm=algorithm, store=store)
 
-    clients: dict[str, FedClient] = {n: FedClient(n, rt, **tok[n]) for n in names}
-    if cfg.fl.scenario == "global":
-        clients[GLOBAL] = FedClient(GLOBAL, rt, train=_pooled(tok))
-        train_clients = [GLOBAL]
-    else:
-        train_clients = names
-    num_train = {cid: clients[cid].num_train for cid in train_clients}
-    models = {cid: dict(init) for cid in names} if cfg.fl.scenario == "local" else {GLOBAL: init}
+def adapter_saver(cfg: Config, am: AdapterModel, run_dir: Path):
+    """``save_adapters(round, models, final)`` for :class:`~fedtune.server.Server`: PEFT-format
+    adapters (with the prompt template) in the round's checkpoint and, at the end, the run dir."""
+    from fedtune.data import get_template
 
     template = get_template(cfg.data.template)
 
@@ -162,24 +163,77 @@ def run(cfg: Config, resume: Path | str | None = None, *, verbose: bool = True) 
         for root in roots:
             for key, sd in current.items():
                 dest = root / "adapter" if key == GLOBAL else root / "adapters" / safe_name(key)
-                save_adapter(pm, sd, dest, extra)
+                save_adapter(am.model, sd, dest, extra)
                 (dest / "fedtune_template.json").write_text(json.dumps(template.to_dict(), indent=2))
+
+    return save_adapters
+
+
+def initial_models(cfg: Config, names: list[str], init: dict[str, torch.Tensor]) -> dict[str, dict[str, torch.Tensor]]:
+    return {cid: dict(init) for cid in names} if cfg.fl.scenario == "local" else {GLOBAL: init}
+
+
+def resume_state(run_dir: Path, store: ClientStateStore, echo) -> tuple[int, dict[str, dict[str, torch.Tensor]], int]:
+    """Load the last checkpoint: (round it holds, models, first round to run)."""
+    ckpt = latest_checkpoint(run_dir)
+    resume_round, models, _ = load_checkpoint(ckpt, store)
+    echo(f"resuming from {ckpt} (round {resume_round})")
+    return resume_round, models, resume_round + 1
+
+
+def start_run(cfg: Config, resume: Path | str | None) -> Path:
+    """Create (or check, when resuming) the run directory and save the resolved config there."""
+    run_dir = _prepare_run_dir(cfg, Path(resume) if resume else None)
+    save_config(cfg, run_dir / "config.yaml")
+    seed_everything(cfg.seed)
+    return run_dir
+
+
+def run(cfg: Config, resume: Path | str | None = None, *, verbose: bool = True) -> RunResult:
+    """Run (or resume) the federated fine-tuning described by ``cfg``."""
+    t_start = time.perf_counter()
+    run_dir = start_run(cfg, resume)
+    echo = (lambda s: print(s, flush=True)) if verbose else (lambda s: None)
+
+    base = load_model(cfg.model)
+    tok = load_client_data(cfg, base[1])
+    names = list(tok)
+    echo(f"fedtune: {cfg.model.name} + {cfg.peft.method}, {len(names)} clients "
+         f"({cfg.fl.scenario}, {cfg.fl.algorithm}), {cfg.fl.rounds} rounds → {run_dir}")
+
+    am = build_adapter_model(cfg, base)
+    algorithm = get_algorithm(cfg.fl.algorithm, weighting=cfg.fl.weighting)
+    store = ClientStateStore(run_dir / "state" / "clients" if cfg.train.client_state == "disk" else None)
+    rt = ClientRuntime(model=am.model, pad_id=am.tokenizer.pad_token_id, cfg=cfg, device=am.device,
+                       algorithm=algorithm, store=store)
+
+    clients: dict[str, FedClient] = {n: FedClient(n, rt, **tok[n]) for n in names}
+    if cfg.fl.scenario == "global":
+        clients[GLOBAL] = FedClient(GLOBAL, rt, train=_pooled(tok))
+        train_clients = [GLOBAL]
+    else:
+        train_clients = names
+    num_train = {cid: clients[cid].num_train for cid in train_clients}
+    models = initial_models(cfg, names, am.init)
 
     start = 1
     resume_round = None
     if resume:
-        ckpt = latest_checkpoint(run_dir)
-        resume_round, models, _ = load_checkpoint(ckpt, store)
-        start = resume_round + 1
-        echo(f"resuming from {ckpt} (round {resume_round})")
+        resume_round, models, start = resume_state(run_dir, store, echo)
     logger = MetricsLogger(run_dir, tensorboard=cfg.output.tensorboard, resume_round=resume_round)
 
-    hooks = _console_hooks(cfg, echo, verbose)
+    hooks = console_hooks(cfg, echo, verbose)
     server = Server(cfg=cfg, algorithm=algorithm, transport=InProcessTransport(clients),
                     train_clients=train_clients, eval_clients=names, num_train=num_train, models=models,
-                    store=store, logger=logger, run_dir=run_dir, save_adapters=save_adapters, hooks=hooks)
+                    store=store, logger=logger, run_dir=run_dir, save_adapters=adapter_saver(cfg, am, run_dir),
+                    hooks=hooks)
     server.run(start_round=start)
+    return finish_run(cfg, logger, run_dir, len(train_clients), t_start, echo)
 
+
+def finish_run(cfg: Config, logger: MetricsLogger, run_dir: Path, num_train_clients: int, t_start: float,
+               echo) -> RunResult:
+    """Loss plot, summary table and the closing line of a run."""
     rows = logger.rows
     plot = plot_losses(rows, run_dir / "losses.png")
     adapter_dir = run_dir / ("adapter" if cfg.fl.scenario != "local" else "adapters")
@@ -195,12 +249,12 @@ def run(cfg: Config, resume: Path | str | None = None, *, verbose: bool = True) 
     change = ""
     if first is not None and last_val is not None:
         change = f"val loss {first['val_loss']:.4f} → {last_val:.4f} ({(last_val / first['val_loss'] - 1) * 100:+.1f}%), "
-    echo(f"done: {cfg.fl.rounds} rounds × {len(train_clients)} clients ({cfg.fl.scenario}), {change}"
+    echo(f"done: {cfg.fl.rounds} rounds × {num_train_clients} clients ({cfg.fl.scenario}), {change}"
          f"{human_bytes(sent)} exchanged, {elapsed / 60:.1f} min")
     return result
 
 
-def _console_hooks(cfg: Config, echo, verbose: bool) -> RoundHooks:
+def console_hooks(cfg: Config, echo, verbose: bool) -> RoundHooks:
     if not verbose:
         return RoundHooks()
     from tqdm.auto import tqdm
