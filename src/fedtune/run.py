@@ -67,7 +67,7 @@ def _prepare_run_dir(cfg: Config, resume: Path | None) -> Path:
         old = config_from_dict(yaml.safe_load(saved.read_text()))
         if old.fingerprint() != cfg.fingerprint():
             changes = [c for c in _diff(old.to_dict(), cfg.to_dict())
-                       if not c.startswith(("output.", "fl.rounds"))]
+                       if not c.startswith(("output.", "fl.rounds", "deploy."))]
             raise FedtuneError(
                 f"--resume {run_dir}: that run was made by a different config; differences:\n  "
                 + "\n  ".join(changes[:10]) + "\nresume with the same config, or start a new run."
