@@ -53,7 +53,9 @@ def _deploy_parser(sub) -> None:
     sl.add_argument("--host", default="0.0.0.0", help="address to listen on")
     sl.add_argument("--port", type=int, default=9093, help="port of its Fleet, Control and Runtime APIs")
     sl.add_argument("--auth", action="store_true", help="only SuperNodes registered with `fedtune deploy register` may connect")
-    sl.add_argument("--database", default=None, help="SQLite file for the SuperLink's state (default: in memory)")
+    sl.add_argument("--database", default="superlink.db",
+                    help="SQLite file for the SuperLink's state, so a restarted SuperLink keeps its SuperNodes "
+                         "(default: superlink.db; ':flwr-in-memory-state:' keeps it in memory)")
     _connection_args(rg := ds.add_parser("register", help="allow a SuperNode's public key (node authentication)"))
     rg.add_argument("public_key", help="NAME.pub from `fedtune deploy certs --node NAME`")
     sn = ds.add_parser("supernode", help="start one organisation's SuperNode (with fedtune's warm worker)")

@@ -69,7 +69,8 @@ class Deployment:
         return p
 
     def start_superlink(self) -> None:
-        args = ["deploy", "superlink", "--certs", str(self.certs), "--host", HOST, "--port", str(self.port)]
+        args = ["deploy", "superlink", "--certs", str(self.certs), "--host", HOST, "--port", str(self.port),
+                "--database", str(self.root / "superlink.db")]
         self._start("superlink", args + (["--auth"] if self.auth else []))
 
         def up():

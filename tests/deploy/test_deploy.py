@@ -44,7 +44,7 @@ data: {{source: {data}, splitter: meta, num_clients: 3, label_field: category, m
 peft: {{method: lora, r: 4}}
 train: {{lr: 0.01, batch_size: 2, local_steps: 3, scheduler: linear, warmup_steps: 1}}
 fl: {{rounds: 2}}
-eval: {{every: 1}}
+eval: {{every: 0}}  # evaluate after the last round only: fewer exchanges, a faster test
 checkpoint: {{every: 1}}
 output: {{tensorboard: false, progress: false}}
 deploy: {{join_timeout_s: 240, round_timeout_s: 240}}
@@ -54,7 +54,7 @@ deploy: {{join_timeout_s: 240, round_timeout_s: 240}}
 
 @pytest.fixture
 def deployment(tmp_path):
-    dep = Deployment(tmp_path / "deploy", nodes=("alpha", "mallory"))
+    dep = Deployment(tmp_path / "deploy")
     try:
         yield dep
     finally:
@@ -134,3 +134,47 @@ def test_unregistered_supernodes_are_refused(tmp_path):
         assert dep.procs["alpha"].poll() is None
     finally:
         dep.close()
+
+
+def _node_log_has(dep, name, pattern):
+    return re.search(pattern, dep.log(name), re.S) is not None
+
+
+@pytest.mark.slow
+def test_supernode_killed_mid_round_then_rejoins(toy, tmp_path, deployment):
+    run_dir = tmp_path / "faults"
+    _start(deployment)
+    deployment.submit(toy, [f"output.dir={run_dir}", "fl.rounds=3", "deploy.min_clients=2",
+                            "deploy.round_timeout_s=30", "eval.every=0"])
+    # kill gamma's whole SuperNode (worker, SuperNode, SuperExec, ClientApp) once it holds round 2's fit
+    wait_until(lambda: _node_log_has(deployment, "gamma", r"ROUND 2\][^\n]*\n[^\n]*Receiving: train"), 400,
+               "gamma to receive round 2")
+    deployment.kill("gamma")
+    deployment.start_supernode("gamma")  # same state dir: it comes back as a new Flower node
+    wait_for_run(run_dir, 600, deployment)
+    rows = [r for r in round_rows(run_dir) if r["kind"] == "client"]
+    by = {(r["round"], r["client"]): r for r in rows}
+    assert by[(2, "gamma")]["rejected"]  # missing in the round it died in ...
+    assert not by[(2, "alpha")]["rejected"] and not by[(2, "beta")]["rejected"]  # ... which went on
+    assert not by[(3, "gamma")]["rejected"]  # and it is back
+    rounds = [r for r in round_rows(run_dir) if r["kind"] == "round"]
+    assert [r["round"] for r in rounds] == [1, 2, 3] and rounds[1]["rejected"] == 1
+    assert (run_dir / "adapter" / "adapter_model.safetensors").is_file()
+
+
+@pytest.mark.slow
+def test_server_restart_resumes_from_last_checkpoint(toy, tmp_path, deployment):
+    run_dir = tmp_path / "resumed"
+    _start(deployment)
+    over = [f"output.dir={run_dir}"]
+    deployment.submit(toy, over)
+    wait_until(lambda: (run_dir / "checkpoints" / "latest").is_file(), 400, "the first checkpoint")
+    deployment.kill("superlink")  # the SuperLink and the ServerApp it runs die mid-run
+    done = (run_dir / "checkpoints" / "latest").read_text().strip()
+    assert done == "round_00001"
+    deployment.start_superlink()  # same port; the SuperNodes reconnect on their own
+    deployment.submit(toy, over, resume=run_dir)
+    text = wait_for_run(run_dir, 600, deployment)
+    assert f"resuming from {run_dir / 'checkpoints' / done}" in text
+    sim = _simulate(toy, tmp_path)
+    assert _max_diff(run_dir, sim) <= 1e-6

@@ -74,7 +74,11 @@ def write_connection(home: Path, superlink: str, ca: str | Path) -> None:
 
 
 def superlink_command(certs: Path, *, host: str = "0.0.0.0", port: int = 9093, auth: bool = False,
-                      database: str | None = None) -> list[str]:
+                      database: str | None = "superlink.db") -> list[str]:
+    """``flower-superlink`` with TLS. ``database``: its state (registered SuperNodes, runs) in a
+    SQLite file, so that a restarted SuperLink still knows its SuperNodes: with Flower's default
+    in-memory state a SuperNode's next heartbeat after a SuperLink restart is refused (401) and
+    the SuperNode exits. ``None``: in memory."""
     certs = Path(certs)
     cmd = [_exe("flower-superlink"),
            "--ssl-ca-certfile", _need_file(certs / "ca.crt", "CA certificate"),
