@@ -55,7 +55,7 @@ def _deploy_parser(sub) -> None:
     sl.add_argument("--auth", action="store_true", help="only SuperNodes registered with `fedtune deploy register` may connect")
     sl.add_argument("--database", default="superlink.db",
                     help="SQLite file for the SuperLink's state, so a restarted SuperLink keeps its SuperNodes "
-                         "(default: superlink.db; ':flwr-in-memory-state:' keeps it in memory)")
+                         "(default: superlink.db; ':flwr-in-memory:' keeps it in memory)")
     _connection_args(rg := ds.add_parser("register", help="allow a SuperNode's public key (node authentication)"))
     rg.add_argument("public_key", help="NAME.pub from `fedtune deploy certs --node NAME`")
     sn = ds.add_parser("supernode", help="start one organisation's SuperNode (with fedtune's warm worker)")

@@ -25,7 +25,7 @@ from safetensors.torch import load_file
 from fedtune.config import load_config
 from fedtune.run import run
 
-from .harness import HOST, Deployment, round_rows, wait_for_run, wait_until
+from fedtune.flower.loopback import HOST, Deployment, round_rows, wait_for_run, wait_until
 
 NODES = ("alpha", "beta", "gamma")  # the meta splitter's clients of the toy data, in its order
 

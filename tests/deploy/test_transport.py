@@ -203,3 +203,21 @@ def test_client_app_in_process_matches_the_simulated_client(toy_cfg, tmp_path):
     assert a.tensors.keys() == b.tensors.keys()
     assert all(torch.equal(a.tensors[k], b.tensors[k]) for k in a.tensors)
     assert (tmp_path / "st" / "beta" / "round_00001.safetensors").is_file()
+
+
+def test_a_node_with_its_own_data_file_trains_on_that_file_only(toy_cfg, tmp_path):
+    from fedtune.flower.node import NodeHandler
+
+    own = tmp_path / "hospital.jsonl"
+    own.write_text("".join(json.dumps({"instruction": f"Say kiwi {i}", "input": "", "output": "kiwi " * (i % 3 + 1),
+                                       "category": "own"}) + "\n" for i in range(20)))
+    h = NodeHandler(toy_cfg, NodeSpec.from_node_config({"client-id": "hospital-a", "data": str(own)}))
+    client = h.clients["hospital-a"]
+    n_val = len(client.splits["val"]) if client.splits["val"] is not None else 0
+    n_test = len(client.splits["test"]) if client.splits["test"] is not None else 0
+    assert client.num_train + n_val + n_test == 20  # every record of the file, none of the run's data
+    assert h.describe() == {"hospital-a": client.num_train}
+    with pytest.raises(Exception, match="exactly one client-id"):
+        NodeSpec.from_node_config({"client-id": "a,b", "data": str(own)})
+    with pytest.raises(Exception, match="not a client of this run's data split"):
+        NodeHandler(toy_cfg, NodeSpec.from_node_config({"client-id": "delta"}))

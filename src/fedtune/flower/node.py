@@ -144,9 +144,12 @@ class NodeHandler:
     @staticmethod
     def _data(cfg: Config, spec: NodeSpec, tokenizer, load_client_data) -> dict[str, dict[str, Any]]:
         if spec.data is not None:  # the organisation's own file: all of it is this client's
-            own = cfg.model_copy(deep=True)
-            own.data = cfg.data.model_copy(update={"preset": None, "source": spec.data, "splitter": "iid",
-                                                   "num_clients": 1, "exclude_labels": []})
+            from fedtune.data import resolve_data_config
+
+            own = cfg.model_copy(deep=True)  # the run's data settings (template, lengths, fractions) apply
+            own.data = resolve_data_config(cfg.data).model_copy(
+                update={"preset": None, "source": spec.data, "splitter": "iid", "num_clients": 1,
+                        "exclude_labels": []})
             (only,) = load_client_data(own, tokenizer).values()
             return {spec.cids[0]: only}
         tok = load_client_data(cfg, tokenizer)

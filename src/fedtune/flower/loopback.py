@@ -1,4 +1,6 @@
-"""Start a SuperLink and SuperNodes on loopback for tests, and always clean them up.
+"""A whole deployment on one machine (127.0.0.1 only), for tests and benchmarks.
+
+Starts a SuperLink and SuperNodes with the real ``fedtune deploy`` commands, and always cleans up.
 
 Every process is started in its own session (process group) through the real ``fedtune deploy``
 commands and killed as a group in ``close()`` (called from fixtures' finally blocks), so nothing
@@ -123,6 +125,12 @@ class Deployment:
     def close(self) -> None:
         for name in list(self.procs):
             self.kill(name, signal.SIGTERM)
+
+    def __enter__(self) -> Deployment:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
 
 
 def wait_for_run(run_dir: Path, timeout: float, dep: Deployment | None = None, *, until: str = "done:") -> str:
