@@ -60,6 +60,7 @@ class FlowerTransport:
         self.node_of: dict[str, int] = {}  # fedtune client id -> Flower node id
         self.answered: dict[int, list[str]] = {}  # node id -> the client ids it announced
         self.num_train: dict[str, int] = {}
+        self.failed: dict[int, float] = {}  # node id -> when its query went unanswered
 
     # ---- who is where ----------------------------------------------------------------------
     def refresh(self) -> None:
@@ -69,7 +70,11 @@ class FlowerTransport:
             for cid in self.answered.pop(n):
                 if self.node_of.get(cid) == n:
                     del self.node_of[cid]
-        new = sorted(n for n in online if n not in self.answered)
+        now = time.monotonic()
+        # a node that did not answer its query is asked again only after join_timeout_s, so one
+        # broken SuperNode cannot hold up every exchange
+        new = sorted(n for n in online if n not in self.answered
+                     and now - self.failed.get(n, -float("inf")) >= self.d.join_timeout_s)
         if not new:
             return
         got = self._exchange("query", {n: (n, b"", {}) for n in new}, timeout=self.d.join_timeout_s)
@@ -78,6 +83,7 @@ class FlowerTransport:
             if reply is None or reply.has_error():
                 why = reply.error.reason if reply is not None else "no answer"
                 log.warning("SuperNode %s did not say which clients it holds (%s); asking again later", n, why)
+                self.failed[n] = time.monotonic()
                 continue
             try:
                 clients = json.loads(reply.content[RECORD]["clients"])
@@ -149,6 +155,9 @@ class FlowerTransport:
             msgs.append(FlowerMessage(RecordDict({RECORD: rec}), int(node), _TYPES[kind],
                                       ttl=timeout + 60.0, group_id=str(fields.get("round", ""))))
         ids = list(self.grid.push_messages(msgs))
+        if len(ids) != len(keys):  # Flower returns [] when the request is too large
+            log.warning("the SuperLink accepted %d of %d %s messages", len(ids), len(keys), kind)
+            ids += [""] * (len(keys) - len(ids))
         waiting = {mid: key for mid, key in zip(ids, keys) if mid}
         for mid, key in zip(ids, keys):
             if not mid:
