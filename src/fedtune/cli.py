@@ -3,6 +3,7 @@
     fedtune run CONFIG.yaml [key.sub=value ...] [--resume RUN_DIR]
     fedtune data describe PRESET_OR_CONFIG [key.sub=value ...] [--out DIR]
     fedtune eval TARGET [--suite NAME | --tasks a,b] [--limit N] [task.option=value ...]
+    fedtune deploy certs|superlink|register|supernode|submit|worker ...   (networked, on Flower)
 
 User mistakes print one ``error:`` line (or a few for several invalid keys) and exit with 2;
 anything else is a bug and keeps its traceback.
@@ -13,6 +14,7 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import subprocess
 import sys
 from pathlib import Path
 
@@ -35,6 +37,7 @@ def _parser() -> argparse.ArgumentParser:
     desc.add_argument("--out", default=None, help="directory for the heatmap PNG and JSON (default: runs/describe-<target>)")
     desc.add_argument("--no-tokens", action="store_true", help="skip token-length statistics (no tokenizer load)")
     _eval_parser(sub)
+    _deploy_parser(sub)
     return p
 
 
@@ -68,6 +71,100 @@ def _eval(args) -> None:
     from fedtune.eval.runner import main as eval_main
 
     eval_main(args)
+
+
+def _deploy_parser(sub) -> None:
+    d = sub.add_parser("deploy", help="networked federation on Flower (see docs/deployment.md)")
+    ds = d.add_subparsers(dest="deploy_command", required=True)
+    c = ds.add_parser("certs", help="a CA, the SuperLink's TLS certificate and SuperNode keys (for a test deployment)")
+    c.add_argument("--out", required=True, help="directory for ca.crt, server.pem/.key and the node keys")
+    c.add_argument("--host", action="append", default=[], help="address SuperNodes dial (IP or DNS name; repeatable)")
+    c.add_argument("--node", action="append", default=[], help="a SuperNode key pair to create: NAME and NAME.pub (repeatable)")
+    c.add_argument("--days", type=int, default=365, help="validity of the certificates")
+    c.add_argument("--overwrite", action="store_true", help="replace existing files")
+    sl = ds.add_parser("superlink", help="start the SuperLink (flower-superlink with TLS)")
+    sl.add_argument("--certs", required=True, help="directory from `fedtune deploy certs`")
+    sl.add_argument("--host", default="0.0.0.0", help="address to listen on")
+    sl.add_argument("--port", type=int, default=9093, help="port of its Fleet, Control and Runtime APIs")
+    sl.add_argument("--auth", action="store_true", help="only SuperNodes registered with `fedtune deploy register` may connect")
+    sl.add_argument("--database", default="superlink.db",
+                    help="SQLite file for the SuperLink's state, so a restarted SuperLink keeps its SuperNodes "
+                         "(default: superlink.db; ':flwr-in-memory:' keeps it in memory)")
+    _connection_args(rg := ds.add_parser("register", help="allow a SuperNode's public key (node authentication)"))
+    rg.add_argument("public_key", help="NAME.pub from `fedtune deploy certs --node NAME`")
+    sn = ds.add_parser("supernode", help="start one organisation's SuperNode (with fedtune's warm worker)")
+    _connection_args(sn)
+    sn.add_argument("--client-id", required=True, help="fedtune client id(s) this node answers for (comma-separated)")
+    sn.add_argument("--data", default=None, help="this organisation's own data file (else its partition of the run's data)")
+    sn.add_argument("--state-dir", default=None, help="where its client state persists (default ./fedtune-state-<id>)")
+    sn.add_argument("--key", default=None, help="private key for node authentication (NAME from `fedtune deploy certs --node`)")
+    sn.add_argument("--runtime-port", type=int, default=9094, help="local port of the SuperNode's Runtime API")
+    sn.add_argument("--no-worker", action="store_true", help="load the model in every ClientApp process instead (slower)")
+    sb = ds.add_parser("submit", help="submit a fedtune run to the SuperLink (flwr run)")
+    _connection_args(sb)
+    sb.add_argument("config", help="YAML config file")
+    sb.add_argument("overrides", nargs="*", help="dotted overrides, e.g. fl.rounds=5 deploy.min_clients=2")
+    sb.add_argument("--resume", metavar="RUN_DIR", help="continue the run in RUN_DIR (on the SuperLink machine)")
+    sb.add_argument("--stream", action="store_true", help="follow the run's log")
+    w = ds.add_parser("worker", help="fedtune's warm worker on a Unix socket (`supernode` starts it)")
+    w.add_argument("--socket", required=True)
+    w.add_argument("--ready-file", default=None)
+    w.add_argument("--parent-pid", type=int, default=None)
+
+
+def _connection_args(p) -> None:
+    p.add_argument("--superlink", required=True, help="the SuperLink's address as HOST:PORT, e.g. 10.0.0.1:9093")
+    p.add_argument("--ca", required=True, help="CA certificate that signed the SuperLink's certificate (ca.crt)")
+    p.add_argument("--flwr-home", default=None, help="Flower CLI config dir (default $FLWR_HOME or ~/.cache/fedtune/flwr)")
+
+
+def _deploy(args) -> int:
+    from fedtune.flower import deploy
+
+    cmd = args.deploy_command
+    if cmd == "certs":
+        from fedtune.flower.certs import make_certificates, make_node_keys
+
+        if not args.host:
+            raise FedtuneError("give the address SuperNodes will dial: --host 10.0.0.1 (repeatable; loopback is always added)")
+        paths = make_certificates(Path(args.out), args.host, days=args.days, overwrite=args.overwrite)
+        keys = make_node_keys(Path(args.out), args.node, overwrite=args.overwrite)
+        for role, pth in paths.items():
+            print(f"{role:12s} {pth}")
+        for name, (priv, pub) in keys.items():
+            print(f"node {name:7s} {priv} (stays on its machine), {pub} (register it)")
+        return 0
+    if cmd == "superlink":
+        argv = deploy.superlink_command(Path(args.certs), host=args.host, port=args.port, auth=args.auth,
+                                        database=args.database)
+        print("$ " + " ".join(argv), flush=True)
+        os.execv(argv[0], argv)
+    if cmd == "register":
+        home = deploy.flwr_home(args.flwr_home)
+        deploy.write_connection(home, args.superlink, args.ca)
+        argv = deploy.register_command(args.public_key)
+        print(f"$ FLWR_HOME={home} " + " ".join(argv), flush=True)
+        return subprocess.call(argv, env=dict(os.environ, FLWR_HOME=str(home)))
+    if cmd == "supernode":
+        return deploy.run_supernode(args.superlink, args.ca, args.client_id, runtime_port=args.runtime_port,
+                                    data=args.data, state_dir=args.state_dir, key=args.key, warm=not args.no_worker)
+    if cmd == "submit":
+        from fedtune.config import load_config
+
+        cfg = load_config(args.config, args.overrides)
+        run_id = deploy.submit(cfg, args.superlink, args.ca, resume=args.resume, stream=args.stream,
+                               home=args.flwr_home)
+        if run_id:
+            print(f"submitted: Flower run {run_id}; follow it with: FLWR_HOME={deploy.flwr_home(args.flwr_home)} "
+                  f"flwr log {run_id} {deploy.CONNECTION}")
+        return 0
+    if cmd == "worker":
+        from fedtune.flower.node import serve_worker
+
+        if args.parent_pid:
+            deploy.watch_parent(args.parent_pid)
+        serve_worker(args.socket, ready_file=args.ready_file)
+    return 0
 
 
 def _describe(args) -> None:
@@ -120,6 +217,8 @@ def main(argv: list[str] | None = None) -> int:
             _describe(args)
         elif args.command == "eval":
             _eval(args)
+        elif args.command == "deploy":
+            return _deploy(args)
     except FedtuneError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

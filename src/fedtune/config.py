@@ -248,6 +248,29 @@ class OutputConfig(_Section):
     progress: bool = True
 
 
+class DeployConfig(_Section):
+    """Networked federation on Flower (``fedtune deploy``); ignored by the in-process simulation.
+
+    Addresses, certificates and keys are command-line flags of ``fedtune deploy ...``, not config:
+    they differ per machine while this section is part of the run.
+    """
+
+    #: fedtune client ids in aggregation/sampling order. Empty: the clients the SuperNodes announce,
+    #: in natural order (``client_2`` before ``client_10``; the simulation's order for every splitter).
+    clients: list[str] = Field(default_factory=list)
+    #: fewest fit replies a round needs. Fewer clients connected: the round waits up to
+    #: ``join_timeout_s`` for them; fewer replies in time: the run stops (its last checkpoint stays,
+    #: resume it with ``fedtune deploy submit --resume``). ``null``: every sampled client.
+    min_clients: int | None = Field(default=None, ge=1)
+    #: seconds to wait for the replies of one fit or evaluate exchange; a client that has not
+    #: answered by then is recorded as missing and the round goes on without it.
+    round_timeout_s: float = Field(default=600, gt=0)
+    #: seconds to wait at start (and before a round that lacks clients) for SuperNodes to connect.
+    join_timeout_s: float = Field(default=300, gt=0)
+    #: seconds between polls of the SuperLink for replies.
+    poll_s: float = Field(default=0.2, gt=0)
+
+
 class Config(_Section):
     """A whole fedtune run."""
 
@@ -261,14 +284,16 @@ class Config(_Section):
     checkpoint: CheckpointConfig = Field(default_factory=CheckpointConfig)
     comm: CommConfig = Field(default_factory=CommConfig)
     output: OutputConfig = Field(default_factory=OutputConfig)
+    deploy: DeployConfig = Field(default_factory=DeployConfig)
 
     def to_dict(self) -> dict[str, Any]:
         return self.model_dump(mode="json")
 
-    def fingerprint(self, *, exclude: tuple[str, ...] = ("output", "fl.rounds")) -> str:
+    def fingerprint(self, *, exclude: tuple[str, ...] = ("output", "fl.rounds", "deploy")) -> str:
         """Hash of everything that determines the training trajectory (resume compatibility).
 
-        ``fl.rounds`` is excluded so a finished run can be extended with more rounds.
+        ``fl.rounds`` is excluded so a finished run can be extended with more rounds; ``deploy``
+        (how clients are reached) so a simulated run and its deployment share a fingerprint.
         """
         d = self.to_dict()
         for key in exclude:

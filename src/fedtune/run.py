@@ -67,7 +67,7 @@ def _prepare_run_dir(cfg: Config, resume: Path | None) -> Path:
         old = config_from_dict(yaml.safe_load(saved.read_text()))
         if old.fingerprint() != cfg.fingerprint():
             changes = [c for c in _diff(old.to_dict(), cfg.to_dict())
-                       if not c.startswith(("output.", "fl.rounds"))]
+                       if not c.startswith(("output.", "fl.rounds", "deploy."))]
             raise FedtuneError(
                 f"--resume {run_dir}: that run was made by a different config; differences:\n  "
                 + "\n  ".join(changes[:10]) + "\nresume with the same config, or start a new run."
@@ -116,17 +116,88 @@ def _pooled(tok: dict[str, dict[str, Any]]):
     return TokenizedDataset.concat([v["train"] for v in tok.values()])
 
 
-def run(cfg: Config, resume: Path | str | None = None, *, verbose: bool = True) -> RunResult:
-    """Run (or resume) the federated fine-tuning described by ``cfg``."""
-    t_start = time.perf_counter()
+@dataclass
+class AdapterModel:
+    """The frozen base model with its adapter attached, and the adapter's initial tensors.
+
+    Built identically by the simulation, the deployment's server (which needs it only for the
+    adapter's shapes, initialisation and saving in PEFT format) and each deployed client.
+    """
+
+    model: torch.nn.Module  # PeftModel over the frozen base
+    tokenizer: Any
+    init: dict[str, torch.Tensor]
+    device: torch.device
+
+
+def build_adapter_model(cfg: Config, base=None, device: torch.device | None = None) -> AdapterModel:
+    """Attach ``cfg.peft`` to the base model (``base``: an already loaded (model, tokenizer))."""
+    device = device if device is not None else resolve_device(cfg.train.device)
+    model, tokenizer = base if base is not None else load_model(cfg.model)
+    torch.manual_seed(derive_seed(cfg.seed, "adapter-init"))
+    pm = attach_adapter(model, cfg.peft, tokenizer).to(device)
+    return AdapterModel(model=pm, tokenizer=tokenizer, init=get_adapter_state(pm), device=device)
+
+
+def load_client_data(cfg: Config, tokenizer) -> dict[str, dict[str, Any]]:
+    """Every client's tokenised train/val/test splits, in the splitter's client order."""
+    from fedtune.data import build_federated_data
+
+    fed = build_federated_data(cfg.data, cfg.seed)
+    if len(fed.clients) < 1:
+        raise FedtuneError("the data split produced no clients")
+    return _tokenize_clients(fed, tokenizer, cfg, [c.name for c in fed.clients])
+
+
+def adapter_saver(cfg: Config, am: AdapterModel, run_dir: Path):
+    """``save_adapters(round, models, final)`` for :class:`~fedtune.server.Server`: PEFT-format
+    adapters (with the prompt template) in the round's checkpoint and, at the end, the run dir."""
+    from fedtune.data import get_template
+
+    template = get_template(cfg.data.template)
+
+    def save_adapters(rnd: int, current: dict[str, dict[str, torch.Tensor]], final: bool) -> None:
+        roots = [run_dir / "checkpoints" / f"round_{rnd:05d}"] + ([run_dir] if final else [])
+        extra = {"round": rnd, "template": template.to_dict(), "scenario": cfg.fl.scenario,
+                 "config_fingerprint": cfg.fingerprint()}
+        for root in roots:
+            for key, sd in current.items():
+                dest = root / "adapter" if key == GLOBAL else root / "adapters" / safe_name(key)
+                save_adapter(am.model, sd, dest, extra)
+                (dest / "fedtune_template.json").write_text(json.dumps(template.to_dict(), indent=2))
+
+    return save_adapters
+
+
+def initial_models(cfg: Config, names: list[str], init: dict[str, torch.Tensor]) -> dict[str, dict[str, torch.Tensor]]:
+    return {cid: dict(init) for cid in names} if cfg.fl.scenario == "local" else {GLOBAL: init}
+
+
+def resume_state(run_dir: Path, store: ClientStateStore, echo) -> tuple[int, dict[str, dict[str, torch.Tensor]], int]:
+    """Load the last checkpoint: (round it holds, models, first round to run)."""
+    ckpt = latest_checkpoint(run_dir)
+    resume_round, models, _ = load_checkpoint(ckpt, store)
+    echo(f"resuming from {ckpt} (round {resume_round})")
+    return resume_round, models, resume_round + 1
+
+
+def start_run(cfg: Config, resume: Path | str | None) -> Path:
+    """Create (or check, when resuming) the run directory and save the resolved config there."""
     run_dir = _prepare_run_dir(cfg, Path(resume) if resume else None)
     save_config(cfg, run_dir / "config.yaml")
     seed_everything(cfg.seed)
+    return run_dir
+
+
+def run(cfg: Config, resume: Path | str | None = None, *, verbose: bool = True) -> RunResult:
+    """Run (or resume) the federated fine-tuning described by ``cfg``."""
+    t_start = time.perf_counter()
+    run_dir = start_run(cfg, resume)
     echo = (lambda s: print(s, flush=True)) if verbose else (lambda s: None)
 
     cluster, followers, threads = None, [], torch.get_num_threads()
     if cfg.train.world_size > 1:  # clustered mode: start the followers first, they load in parallel
-        addr, followers = start_followers(cfg)
+        addr, followers = start_followers(cfg, follower_main, (cfg.to_dict(),))
     try:
         b = _build(cfg, rank_device(resolve_device(cfg.train.device), 0),
                    ClientStateStore(run_dir / "state" / "clients" if cfg.train.client_state == "disk" else None))
@@ -134,25 +205,18 @@ def run(cfg: Config, resume: Path | str | None = None, *, verbose: bool = True) 
             cluster = join_cluster(b.rt, 0, cfg, addr)
         return _run_server(cfg, b, run_dir, resume, echo, verbose, t_start)
     finally:
-        if cluster is not None:
-            cluster.stop()
-        for p in followers:
-            p.join(timeout=30)
-            if p.is_alive():
-                p.terminate()
-        torch.set_num_threads(threads)
+        stop_cluster(cluster, followers, threads)
 
 
 @dataclass
 class _Built:
     """Everything a process needs to act as the clients (and, on the leader, to run the server)."""
 
-    pm: Any
+    am: AdapterModel
     rt: ClientRuntime
     clients: dict[str, FedClient]
     names: list[str]
     train_clients: list[str]
-    init: dict[str, torch.Tensor]
     algorithm: Any
 
 
@@ -164,19 +228,12 @@ def rank_device(device: torch.device, rank: int) -> torch.device:
 
 
 def _build(cfg: Config, device: torch.device, store: ClientStateStore) -> _Built:
-    from fedtune.data import build_federated_data
-
-    model, tokenizer = load_model(cfg.model)
-    fed = build_federated_data(cfg.data, cfg.seed)
-    if len(fed.clients) < 1:
-        raise FedtuneError("the data split produced no clients")
-    tok = _tokenize_clients(fed, tokenizer, cfg, [c.name for c in fed.clients])
-    names = [c.name for c in fed.clients]
-    torch.manual_seed(derive_seed(cfg.seed, "adapter-init"))
-    pm = attach_adapter(model, cfg.peft, tokenizer).to(device)
-    init = get_adapter_state(pm)
+    base = load_model(cfg.model)
+    tok = load_client_data(cfg, base[1])
+    names = list(tok)
+    am = build_adapter_model(cfg, base, device)
     algorithm = get_algorithm(cfg.fl.algorithm, weighting=cfg.fl.weighting)
-    rt = ClientRuntime(model=pm, pad_id=tokenizer.pad_token_id, cfg=cfg, device=device,
+    rt = ClientRuntime(model=am.model, pad_id=am.tokenizer.pad_token_id, cfg=cfg, device=am.device,
                        algorithm=algorithm, store=store)
     clients: dict[str, FedClient] = {n: FedClient(n, rt, **tok[n]) for n in names}
     if cfg.fl.scenario == "global":
@@ -184,19 +241,30 @@ def _build(cfg: Config, device: torch.device, store: ClientStateStore) -> _Built
         train_clients = [GLOBAL]
     else:
         train_clients = names
-    return _Built(pm, rt, clients, names, train_clients, init, algorithm)
+    return _Built(am, rt, clients, names, train_clients, algorithm)
 
 
-def start_followers(cfg: Config, host: str = "127.0.0.1") -> tuple[str, list]:
-    """Clustered mode, leader side: spawn ranks 1..world_size-1 on this machine, each building the
-    model and clients from ``cfg`` (:func:`follower_main`). Returns the rendezvous address for
-    :func:`join_cluster` and the processes. Splits this machine's CPU threads between the ranks."""
+def start_followers(cfg: Config, target, args: tuple, host: str = "127.0.0.1") -> tuple[str, list]:
+    """Clustered mode, leader side: spawn ranks 1..world_size-1 on this machine, each running
+    ``target(rank, world, addr, *args)`` (e.g. :func:`follower_main`). Returns the rendezvous address
+    for :func:`join_cluster` and the processes. Splits this machine's CPU threads between the ranks."""
     from fedtune.distributed import free_port, spawn_followers, threads_per_rank
 
     addr = f"tcp://{host}:{free_port()}"
-    procs = spawn_followers(cfg.train.world_size, follower_main, (addr, cfg.to_dict()))
+    procs = spawn_followers(cfg.train.world_size, target, (addr, *args))
     torch.set_num_threads(threads_per_rank(cfg.train.world_size))
     return addr, procs
+
+
+def stop_cluster(cluster, followers: list, threads: int) -> None:
+    """Leader side: release the followers (they exit) and restore the thread count."""
+    if cluster is not None:
+        cluster.stop()
+    for p in followers:
+        p.join(timeout=30)
+        if p.is_alive():
+            p.terminate()
+    torch.set_num_threads(threads)
 
 
 def join_cluster(rt: ClientRuntime, rank: int, cfg: Config, addr: str):
@@ -224,47 +292,36 @@ def follower_main(rank: int, world: int, addr: str, cfg_dict: dict) -> None:
 def _run_server(cfg: Config, b: _Built, run_dir: Path, resume, echo, verbose: bool, t_start: float) -> RunResult:
     from fedtune.data import get_template
 
-    pm, rt, clients, names, train_clients, init = b.pm, b.rt, b.clients, b.names, b.train_clients, b.init
-    store, algorithm = rt.store, b.algorithm
+    clients, names, train_clients, store = b.clients, b.names, b.train_clients, b.rt.store
     echo(f"fedtune: {cfg.model.name} + {cfg.peft.method}, {len(names)} clients "
          f"({cfg.fl.scenario}, {cfg.fl.algorithm}), {cfg.fl.rounds} rounds"
          f"{f' on {cfg.train.world_size} processes per client' if cfg.train.world_size > 1 else ''} → {run_dir}")
     num_train = {cid: clients[cid].num_train for cid in train_clients}
-    models = {cid: dict(init) for cid in names} if cfg.fl.scenario == "local" else {GLOBAL: init}
-
-    template = get_template(cfg.data.template)
-
-    def save_adapters(rnd: int, current: dict[str, dict[str, torch.Tensor]], final: bool) -> None:
-        roots = [run_dir / "checkpoints" / f"round_{rnd:05d}"] + ([run_dir] if final else [])
-        extra = {"round": rnd, "template": template.to_dict(), "scenario": cfg.fl.scenario,
-                 "config_fingerprint": cfg.fingerprint()}
-        for root in roots:
-            for key, sd in current.items():
-                dest = root / "adapter" if key == GLOBAL else root / "adapters" / safe_name(key)
-                save_adapter(pm, sd, dest, extra)
-                (dest / "fedtune_template.json").write_text(json.dumps(template.to_dict(), indent=2))
+    models = initial_models(cfg, names, b.am.init)
 
     start = 1
     resume_round = None
     if resume:
-        ckpt = latest_checkpoint(run_dir)
-        resume_round, models, _ = load_checkpoint(ckpt, store)
-        start = resume_round + 1
-        echo(f"resuming from {ckpt} (round {resume_round})")
+        resume_round, models, start = resume_state(run_dir, store, echo)
     logger = MetricsLogger(run_dir, tensorboard=cfg.output.tensorboard, resume_round=resume_round)
 
-    hooks = _console_hooks(cfg, echo, verbose)
     task_eval = None
     if cfg.eval.tasks:  # benchmark tasks in the loop, on the shared model (fedtune.eval)
         from fedtune.eval.inloop import InLoopEvaluator
 
-        task_eval = InLoopEvaluator(cfg, pm, tokenizer, device, template, echo=echo)
-    server = Server(cfg=cfg, algorithm=algorithm, transport=InProcessTransport(clients),
+        task_eval = InLoopEvaluator(cfg, b.am.model, b.am.tokenizer, b.am.device, get_template(cfg.data.template),
+                                    echo=echo)
+    server = Server(cfg=cfg, algorithm=b.algorithm, transport=InProcessTransport(clients),
                     train_clients=train_clients, eval_clients=names, num_train=num_train, models=models,
-                    store=store, logger=logger, run_dir=run_dir, save_adapters=save_adapters, hooks=hooks,
-                    task_eval=task_eval)
+                    store=store, logger=logger, run_dir=run_dir, save_adapters=adapter_saver(cfg, b.am, run_dir),
+                    hooks=console_hooks(cfg, echo, verbose), task_eval=task_eval)
     server.run(start_round=start)
+    return finish_run(cfg, logger, run_dir, len(train_clients), t_start, echo)
 
+
+def finish_run(cfg: Config, logger: MetricsLogger, run_dir: Path, num_train_clients: int, t_start: float,
+               echo) -> RunResult:
+    """Loss plot, summary table and the closing line of a run."""
     rows = logger.rows
     plot = plot_losses(rows, run_dir / "losses.png")
     adapter_dir = run_dir / ("adapter" if cfg.fl.scenario != "local" else "adapters")
@@ -280,12 +337,12 @@ def _run_server(cfg: Config, b: _Built, run_dir: Path, resume, echo, verbose: bo
     change = ""
     if first is not None and last_val is not None:
         change = f"val loss {first['val_loss']:.4f} → {last_val:.4f} ({(last_val / first['val_loss'] - 1) * 100:+.1f}%), "
-    echo(f"done: {cfg.fl.rounds} rounds × {len(train_clients)} clients ({cfg.fl.scenario}), {change}"
+    echo(f"done: {cfg.fl.rounds} rounds × {num_train_clients} clients ({cfg.fl.scenario}), {change}"
          f"{human_bytes(sent)} exchanged, {elapsed / 60:.1f} min")
     return result
 
 
-def _console_hooks(cfg: Config, echo, verbose: bool) -> RoundHooks:
+def console_hooks(cfg: Config, echo, verbose: bool) -> RoundHooks:
     if not verbose:
         return RoundHooks()
     from tqdm.auto import tqdm

@@ -1,0 +1,291 @@
+"""The client side of a deployment: what one organisation's SuperNode runs (no Flower import here).
+
+A SuperNode's ``--node-config`` says who it is and where its things are::
+
+    client-id="hospital-a"              fedtune client id(s) this node answers for (comma-separated)
+    data="/srv/fedtune/a.jsonl"         optional: this organisation's own data file; without it the
+                                        node takes its partition(s) of the run's ``data`` config
+    state-dir="/srv/fedtune/state"      where its client state (optimizer, schedule, ...) persists
+    worker="/run/fedtune/a.sock"        optional: a warm worker (``fedtune deploy supernode`` starts
+                                        one) that keeps the model loaded between messages
+
+Flower 1.41 starts a fresh ``flwr-clientapp`` process for every message. Loading torch, the model
+and the data in each of them costs seconds per message, so ``fedtune deploy supernode`` also starts
+a long-lived worker (:func:`serve_worker`) on a local Unix socket, and the ClientApp hands it the
+message bytes. Without ``worker`` the ClientApp builds the same :class:`NodeHandler` in its own
+process. Either way the bytes go through :func:`fedtune.transport.handle_on_client` into the same
+:class:`~fedtune.client.FedClient` the simulation uses.
+
+Client state across server restarts: the state after each fit is kept per round
+(:class:`RoundStateStore`), and a fit for round ``r`` starts from the newest state of a round
+before ``r``. A server that resumes from its round-``c`` checkpoint re-sends round ``c+1``; the
+client then starts again from its state after round ``c`` (or its last participation before it),
+exactly as an uninterrupted run would, even if it had already trained round ``c+1`` before the
+server died. It keeps enough versions to reach back past the server's checkpoint interval.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import re
+import socket
+import struct
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from fedtune.config import Config
+from fedtune.errors import FedtuneError
+from fedtune.state import ClientState, ClientStateStore, _decode_state, _encode_state
+from fedtune.utils import atomic_write_bytes, safe_name
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class NodeSpec:
+    """What a SuperNode's ``--node-config`` says about it."""
+
+    cids: list[str]
+    data: str | None = None
+    state_dir: str | None = None
+    worker: str | None = None
+
+    @classmethod
+    def from_node_config(cls, nc: dict[str, Any]) -> NodeSpec:
+        raw = str(nc.get("client-id", "")).strip()
+        cids = [c.strip() for c in raw.split(",") if c.strip()]
+        if not cids:
+            raise FedtuneError('this SuperNode has no client id: start it with --node-config \'client-id="NAME"\'')
+        data = nc.get("data") or None
+        if data is not None and len(cids) != 1:
+            raise FedtuneError("node-config 'data' (an organisation's own file) needs exactly one client-id")
+        return cls(cids=cids, data=data, state_dir=nc.get("state-dir") or None, worker=nc.get("worker") or None)
+
+
+class RoundStateStore(ClientStateStore):
+    """Client states kept per round: ``<root>/<client>/round_00007.safetensors``.
+
+    :meth:`at_round` sets the round being trained; :meth:`get` then returns the newest state of an
+    earlier round and :meth:`put` stores the state after this round. ``keep`` versions are kept.
+    """
+
+    def __init__(self, root: Path | None, keep: int):
+        super().__init__(None)  # the parent's memory store is unused: files live under our root
+        self.dir = Path(root) if root is not None else None
+        self.keep = max(2, keep)
+        self.round = 0
+        self._versions: dict[str, dict[int, bytes]] = {}
+
+    def at_round(self, rnd: int) -> None:
+        self.round = int(rnd)
+
+    def _rounds(self, cid: str) -> dict[int, Path | bytes]:
+        if self.dir is None:
+            return dict(self._versions.get(cid, {}))
+        d = self.dir / safe_name(cid)
+        out: dict[int, Path | bytes] = {}
+        for p in d.glob("round_*.safetensors") if d.is_dir() else []:
+            m = re.fullmatch(r"round_(\d+)\.safetensors", p.name)
+            if m:
+                out[int(m.group(1))] = p
+        return out
+
+    def get(self, cid: str) -> ClientState:
+        earlier = [r for r in self._rounds(cid) if r < self.round]
+        if not earlier:
+            return ClientState()
+        src = self._rounds(cid)[max(earlier)]
+        return _decode_state(src.read_bytes() if isinstance(src, Path) else src)
+
+    def put(self, cid: str, state: ClientState) -> None:
+        state.meta["state_round"] = self.round
+        data = _encode_state(state)
+        if self.dir is None:
+            self._versions.setdefault(cid, {})[self.round] = data
+        else:
+            atomic_write_bytes(self.dir / safe_name(cid) / f"round_{self.round:05d}.safetensors", data)
+        # drop versions of later rounds (a resumed server re-runs them) and the oldest beyond `keep`
+        versions = self._rounds(cid)
+        stale = [r for r in versions if r > self.round]
+        older = sorted(r for r in versions if r <= self.round)
+        stale += older[: max(0, len(older) - self.keep)]
+        for r in stale:
+            v = versions[r]
+            if isinstance(v, Path):
+                v.unlink(missing_ok=True)
+            else:
+                del self._versions[cid][r]
+
+
+class NodeHandler:
+    """This node's clients: ``FedClient``s over one shared model, answering message bytes."""
+
+    def __init__(self, cfg: Config, spec: NodeSpec):
+        from fedtune.algorithms import get_algorithm
+        from fedtune.client import ClientRuntime, FedClient
+        from fedtune.models import load_model
+        from fedtune.run import build_adapter_model, load_client_data
+
+        self.cfg, self.spec = cfg, spec
+        base = load_model(cfg.model)
+        tok = self._data(cfg, spec, base[1], load_client_data)
+        am = build_adapter_model(cfg, base)
+        # versions to keep: the server may resume from a checkpoint up to `checkpoint.every` rounds old
+        keep = (cfg.checkpoint.every or cfg.fl.rounds) + 1
+        root = Path(spec.state_dir) if spec.state_dir else None
+        self.store = RoundStateStore(root, keep=keep)
+        rt = ClientRuntime(model=am.model, pad_id=am.tokenizer.pad_token_id, cfg=cfg, device=am.device,
+                           algorithm=get_algorithm(cfg.fl.algorithm, weighting=cfg.fl.weighting), store=self.store)
+        self.clients = {cid: FedClient(cid, rt, **tok[cid]) for cid in spec.cids}
+
+    @staticmethod
+    def _data(cfg: Config, spec: NodeSpec, tokenizer, load_client_data) -> dict[str, dict[str, Any]]:
+        if spec.data is not None:  # the organisation's own file: all of it is this client's
+            from fedtune.data import resolve_data_config
+
+            own = cfg.model_copy(deep=True)  # the run's data settings (template, lengths, fractions) apply
+            own.data = resolve_data_config(cfg.data).model_copy(
+                update={"preset": None, "source": spec.data, "splitter": "iid", "num_clients": 1,
+                        "exclude_labels": []})
+            (only,) = load_client_data(own, tokenizer).values()
+            return {spec.cids[0]: only}
+        tok = load_client_data(cfg, tokenizer)
+        missing = [c for c in spec.cids if c not in tok]
+        if missing:
+            from fedtune.errors import did_you_mean
+
+            raise FedtuneError(f"client-id '{missing[0]}' is not a client of this run's data split"
+                               f"{did_you_mean(missing[0], tok)}; its clients: {', '.join(tok)}")
+        return {c: tok[c] for c in spec.cids}
+
+    def describe(self) -> dict[str, int]:
+        """client id -> number of training examples (the server's FedAvg weights)."""
+        return {cid: c.num_train for cid, c in self.clients.items()}
+
+    def handle(self, kind: str, cid: str, rnd: int, data: bytes) -> bytes:
+        from fedtune.transport import handle_on_client
+
+        if cid not in self.clients:
+            raise FedtuneError(f"this node holds clients {sorted(self.clients)}, not '{cid}'")
+        self.store.at_round(rnd)
+        return handle_on_client(self.clients[cid], kind, data)
+
+
+# ---- the warm worker: a local Unix socket, length-prefixed JSON header + raw bytes -------------
+# Hand-written because it is tiny and local: a frame is 4 bytes header length, 8 bytes payload
+# length, a JSON header, the payload. Nothing is unpickled; the payload is a fedtune message that
+# handle_on_client parses strictly.
+
+_FRAME = struct.Struct("<IQ")
+MAX_HEADER = 1 << 16
+
+
+def _recv_exact(sock: socket.socket, n: int) -> bytes:
+    buf = bytearray()
+    while len(buf) < n:
+        chunk = sock.recv(min(n - len(buf), 1 << 20))
+        if not chunk:
+            raise ConnectionError("worker connection closed mid-frame")
+        buf += chunk
+    return bytes(buf)
+
+
+def send_frame(sock: socket.socket, header: dict[str, Any], payload: bytes = b"") -> None:
+    h = json.dumps(header).encode()
+    sock.sendall(_FRAME.pack(len(h), len(payload)) + h)
+    sock.sendall(payload)
+
+
+def recv_frame(sock: socket.socket, max_payload: int) -> tuple[dict[str, Any], bytes]:
+    hlen, plen = _FRAME.unpack(_recv_exact(sock, _FRAME.size))
+    if hlen > MAX_HEADER or plen > max_payload:
+        raise ConnectionError(f"frame too large (header {hlen}, payload {plen} bytes)")
+    header = json.loads(_recv_exact(sock, hlen))
+    if not isinstance(header, dict):
+        raise ConnectionError("frame header is not an object")
+    return header, _recv_exact(sock, plen)
+
+
+def ask_worker(path: str, header: dict[str, Any], payload: bytes = b"", timeout: float | None = None) -> tuple[dict[str, Any], bytes]:
+    from fedtune.messages import MAX_MESSAGE_BYTES
+
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
+        s.settimeout(timeout)
+        s.connect(path)
+        send_frame(s, header, payload)
+        reply, data = recv_frame(s, MAX_MESSAGE_BYTES)
+    if "error" in reply:
+        raise FedtuneError(f"fedtune worker at {path}: {reply['error']}")
+    return reply, data
+
+
+class HandlerCache:
+    """The :class:`NodeHandler` for the latest (run config, node config) seen; rebuilt when either
+    changes, so one worker serves successive runs."""
+
+    def __init__(self):
+        self.key: str | None = None
+        self.handler: NodeHandler | None = None
+
+    def get(self, config_json: str, node_config: dict[str, Any]) -> NodeHandler:
+        from fedtune.config import config_from_dict
+
+        key = json.dumps([config_json, node_config], sort_keys=True)
+        if key != self.key or self.handler is None:
+            self.handler = None  # free the old model first
+            cfg = config_from_dict(json.loads(config_json))
+            self.handler = NodeHandler(cfg, NodeSpec.from_node_config(node_config))
+            self.key = key
+        return self.handler
+
+
+def answer(cache: HandlerCache, header: dict[str, Any], payload: bytes) -> tuple[dict[str, Any], bytes]:
+    """One request: ``op`` is ``describe``, ``fit`` or ``evaluate``; ``config`` the run's config
+    (JSON) and ``node_config`` the SuperNode's. Shared by the worker and the in-process path."""
+    handler = cache.get(str(header["config"]), dict(header.get("node_config") or {}))
+    op = header.get("op")
+    if op == "describe":
+        return {"clients": handler.describe()}, b""
+    if op in ("fit", "evaluate"):
+        return {"ok": True}, handler.handle(op, str(header["cid"]), int(header.get("round", 0)), payload)
+    raise FedtuneError(f"unknown op {op!r}")
+
+
+def serve_worker(path: str, *, ready_file: str | None = None) -> None:
+    """Answer requests on the Unix socket ``path`` one at a time, until killed."""
+    from fedtune.messages import MAX_MESSAGE_BYTES
+
+    p = Path(path)
+    p.parent.mkdir(parents=True, exist_ok=True)
+    p.unlink(missing_ok=True)
+    srv = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    old = os.umask(0o177)  # the socket is this user's only: 0600
+    try:
+        srv.bind(str(p))
+    finally:
+        os.umask(old)
+    srv.listen(8)
+    if ready_file:
+        atomic_write_bytes(Path(ready_file), b"ready\n")
+    log.info("fedtune worker listening on %s", p)
+    cache = HandlerCache()
+    try:
+        while True:
+            conn, _ = srv.accept()
+            with conn:
+                try:
+                    header, payload = recv_frame(conn, MAX_MESSAGE_BYTES)
+                    reply, out = answer(cache, header, payload)
+                    send_frame(conn, reply, out)
+                except Exception as e:  # noqa: BLE001 - one bad request must not end the worker
+                    log.warning("worker request failed: %s", e, exc_info=not isinstance(e, FedtuneError))
+                    try:
+                        send_frame(conn, {"error": str(e)})
+                    except OSError:
+                        pass
+    finally:
+        srv.close()
+        p.unlink(missing_ok=True)

@@ -1,0 +1,80 @@
+"""The Flower ServerApp: fedtune's :class:`~fedtune.server.Server` with a :class:`FlowerTransport`.
+
+Built by the same builders as the simulation (:mod:`fedtune.run`): the server loads the model only
+for the adapter's shapes, its initialisation and saving in PEFT format; it holds no data. The run
+config (``fedtune-config``, JSON) and an optional ``resume`` run directory come in the Flower run
+config that ``fedtune deploy submit`` sets. The run directory (``output.dir``) is on the SuperLink's
+machine; ``server.log`` there mirrors what the simulation prints.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+from flwr.app import Context
+from flwr.serverapp import Grid, ServerApp
+
+from fedtune.config import Config, config_from_dict
+from fedtune.errors import FedtuneError
+from fedtune.run import RunResult
+
+app = ServerApp()
+
+
+def run_deployed(cfg: Config, grid, resume: str | Path | None = None, *, verbose: bool = True) -> RunResult:
+    """Run (or resume) ``cfg`` with the clients behind ``grid``."""
+    from fedtune.algorithms import get_algorithm
+    from fedtune.flower.transport import FlowerTransport
+    from fedtune.metrics import MetricsLogger
+    from fedtune.run import (adapter_saver, build_adapter_model, console_hooks, finish_run, initial_models,
+                             resume_state, start_run)
+    from fedtune.server import Server
+    from fedtune.state import ClientStateStore
+
+    if cfg.fl.scenario == "global":
+        raise FedtuneError("fl.scenario 'global' pools every client's data in one place, which a deployment "
+                           "cannot do; use 'fed' or 'local' (or run 'global' in simulation)")
+    t_start = time.perf_counter()
+    run_dir = start_run(cfg, resume)
+    log_file = (run_dir / "server.log").open("a", encoding="utf-8")
+
+    def echo(s: str) -> None:
+        if verbose:
+            print(s, flush=True)
+        log_file.write(s + "\n")
+        log_file.flush()
+
+    try:
+        am = build_adapter_model(cfg)
+        transport = FlowerTransport(grid, cfg.deploy)
+        echo(f"fedtune deploy: {cfg.model.name} + {cfg.peft.method}, waiting for SuperNodes "
+             f"(up to {cfg.deploy.join_timeout_s:g}s) → {run_dir}")
+        cids, _ = transport.discover()
+        echo(f"clients: {', '.join(f'{c} (node {transport.node_of.get(c)}, {transport.num_train.get(c)} examples)' for c in cids)}")
+        store = ClientStateStore(None)  # client state lives on the clients' machines
+        models = initial_models(cfg, cids, am.init)
+        start, resume_round = 1, None
+        if resume:
+            resume_round, models, start = resume_state(run_dir, store, echo)
+        logger = MetricsLogger(run_dir, tensorboard=cfg.output.tensorboard, resume_round=resume_round)
+        server = Server(cfg=cfg, algorithm=get_algorithm(cfg.fl.algorithm, weighting=cfg.fl.weighting),
+                        transport=transport, train_clients=cids, eval_clients=cids,
+                        num_train=transport.num_train,  # the live map: a client joining later is weighted too
+                        models=models, store=store, logger=logger, run_dir=run_dir,
+                        save_adapters=adapter_saver(cfg, am, run_dir), hooks=console_hooks(cfg, echo, verbose))
+        server.run(start_round=start)
+        return finish_run(cfg, logger, run_dir, len(cids), t_start, echo)
+    except FedtuneError as e:
+        echo(f"error: {e}\nthe last checkpoint is kept; continue with: fedtune deploy submit ... --resume {run_dir}")
+        raise
+    finally:
+        log_file.close()
+
+
+@app.main()
+def main(grid: Grid, context: Context) -> None:
+    cfg = config_from_dict(json.loads(str(context.run_config["fedtune-config"])))
+    resume = str(context.run_config.get("resume", "")) or None
+    run_deployed(cfg, grid, resume)

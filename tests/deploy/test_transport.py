@@ -1,0 +1,223 @@
+"""FlowerTransport, the ClientApp and the per-round client state, without processes: a fake Grid
+delivers Flower messages to the real ClientApp in this process (as Flower's InMemoryGrid would)."""
+
+import json
+
+import pytest
+import torch
+from flwr.app import ConfigRecord, Context, Error, Message as FMessage, RecordDict
+
+from fedtune.config import DeployConfig, load_config
+from fedtune.flower import RECORD
+from fedtune.flower.client_app import app as client_app
+from fedtune.flower.node import NodeSpec, RoundStateStore, ask_worker, recv_frame, send_frame
+from fedtune.flower.transport import FlowerTransport, RoundFailed, natural_key
+from fedtune.messages import Message, encode
+from fedtune.state import ClientState
+
+
+@pytest.fixture(autouse=True)
+def task_identity():
+    """Flower's Message needs the process's task identity (set by flwr-serverapp/-clientapp)."""
+    from flwr.supercore.task_identity import TaskIdentity
+
+    TaskIdentity.task_id, TaskIdentity.run_id, TaskIdentity.node_id = 1, 1, 0
+    yield
+
+
+class FakeGrid:
+    """Nodes are callables (Flower message -> reply or None for 'never answers')."""
+
+    def __init__(self):
+        self.nodes = {}
+        self.replies = {}
+        self.pushed = []
+
+    def get_node_ids(self):
+        return list(self.nodes)
+
+    def push_messages(self, msgs):
+        ids = []
+        for i, m in enumerate(msgs):
+            m.metadata.__dict__["_message_id"] = f"m{len(self.pushed)}"
+            self.pushed.append(m)
+            ids.append(m.metadata.message_id)
+            fn = self.nodes.get(m.metadata.dst_node_id)
+            r = fn(m) if fn else None
+            if r is not None:
+                self.replies[m.metadata.message_id] = r
+        return ids
+
+    def pull_messages(self, ids):
+        # hand replies back in reverse order: the transport must restore the instruction order
+        return [self.replies.pop(i) for i in reversed(list(ids)) if i in self.replies]
+
+
+def echo_node(cids, scale=1.0):
+    """A node whose clients reply with the received tensors times ``scale``."""
+    def handle(m):
+        rec = m.content[RECORD]
+        if m.metadata.message_type == "query":
+            return FMessage(RecordDict({RECORD: ConfigRecord({"clients": json.dumps({c: 10 for c in cids})})}), reply_to=m)
+        from fedtune.messages import decode
+        got = decode(bytes(rec["payload"]))
+        out = Message({k: v * scale for k, v in got.tensors.items()}, metrics={"train_loss": 1.0})
+        return FMessage(RecordDict({RECORD: ConfigRecord({"cid": rec["cid"], "payload": encode(out)})}), reply_to=m)
+    return handle
+
+
+def dcfg(**kw):
+    return DeployConfig(poll_s=0.01, round_timeout_s=0.2, join_timeout_s=0.2, **kw)
+
+
+def test_replies_in_instruction_order_and_missing_become_rejected():
+    g = FakeGrid()
+    g.nodes = {11: echo_node(["b"]), 12: echo_node(["a"], 2.0), 13: echo_node(["c"])}
+    t = FlowerTransport(g, dcfg(min_clients=2), sleep=lambda s: None)
+    cids, num = t.discover()
+    assert cids == ["a", "b", "c"] and num == {"a": 10, "b": 10, "c": 10}
+    del g.nodes[13]  # c's SuperNode vanishes
+    x = torch.ones(2, 3)
+    seen = []
+    msg = Message({"w": x}, config={"round": 1})
+    replies = t.send("fit", {"c": msg, "a": msg, "b": msg}, expect={k: {"w": ((2, 3), torch.float32)} for k in "abc"},
+                     on_reply=lambda r: seen.append(r.cid))
+    assert [r.cid for r in replies] == ["c", "a", "b"] == seen
+    assert replies[0].message is None and "not connected" in replies[0].error
+    assert torch.equal(replies[1].message.tensors["w"], 2 * x) and torch.equal(replies[2].message.tensors["w"], x)
+    assert replies[1].bytes_down == len(encode(msg)) == replies[2].bytes_down
+
+
+def test_timeout_error_reply_and_min_clients():
+    g = FakeGrid()
+    silent = lambda m: None if m.metadata.message_type != "query" else echo_node(["s"])(m)  # noqa: E731
+    failing = lambda m: (FMessage(Error(7, "ClientApp raised"), reply_to=m) if m.metadata.message_type != "query"  # noqa: E731
+                         else echo_node(["f"])(m))
+    g.nodes = {1: echo_node(["ok"]), 2: silent, 3: failing}
+    t = FlowerTransport(g, dcfg(min_clients=1), sleep=lambda s: None)
+    t.discover()
+    msg = Message({"w": torch.zeros(1)}, config={"round": 1})
+    r = {x.cid: x for x in t.send("fit", {c: msg for c in ("ok", "s", "f")})}
+    assert r["ok"].message is not None
+    assert "no reply within" in r["s"].error and "ClientApp raised" in r["f"].error
+    t2 = FlowerTransport(g, dcfg(min_clients=2), sleep=lambda s: None)
+    t2.discover()
+    with pytest.raises(RoundFailed, match="1 of 3 clients answered"):
+        t2.send("fit", {c: msg for c in ("ok", "s", "f")})
+
+
+def test_a_restarted_node_is_found_again_and_a_short_round_fails_before_sending():
+    g = FakeGrid()
+    g.nodes = {1: echo_node(["a"]), 2: echo_node(["b"])}
+    t = FlowerTransport(g, dcfg(clients=["a", "b"]), sleep=lambda s: None)
+    assert t.discover()[0] == ["a", "b"]
+    del g.nodes[2]
+    msg = Message({"w": torch.zeros(1)}, config={"round": 2})
+    n_pushed = len(g.pushed)
+    with pytest.raises(RoundFailed, match="missing \\['b'\\]"):
+        t.send("fit", {"a": msg, "b": msg})  # default min_clients: every sampled client
+    assert len(g.pushed) == n_pushed  # nothing was sent for a round that cannot succeed
+    g.nodes[7] = echo_node(["b"])  # b's SuperNode restarts under a new node id
+    assert all(r.message is not None for r in t.send("fit", {"a": msg, "b": msg}))
+    assert t.node_of["b"] == 7
+
+
+def test_discover_names_missing_clients():
+    g = FakeGrid()
+    g.nodes = {1: echo_node(["a"])}
+    with pytest.raises(Exception, match="missing \\['b'\\]"):
+        FlowerTransport(g, dcfg(clients=["a", "b"]), sleep=lambda s: None).discover()
+
+
+def test_natural_order():
+    assert sorted(["client_10", "client_2", "client_1"], key=natural_key) == ["client_1", "client_2", "client_10"]
+
+
+def test_round_state_store_resumes_from_the_state_before_the_round(tmp_path):
+    s = RoundStateStore(tmp_path, keep=3)
+    for rnd in (1, 2, 3):
+        s.at_round(rnd)
+        assert s.get("c").meta.get("v") == (rnd - 1 if rnd > 1 else None)
+        s.put("c", ClientState(tensors={"x": torch.full((1,), float(rnd))}, meta={"v": rnd}))
+    # a server resumed from its round-1 checkpoint re-runs round 2: the client starts from round 1
+    s.at_round(2)
+    assert s.get("c").meta["v"] == 1
+    s.put("c", ClientState(meta={"v": 20}))
+    assert sorted(p.name for p in (tmp_path / "c").iterdir()) == ["round_00001.safetensors", "round_00002.safetensors"]
+    s.at_round(5)  # missed rounds 3-4 (not sampled or offline): the newest earlier state
+    assert s.get("c").meta["v"] == 20
+
+
+def test_node_spec_and_worker_frames(tmp_path):
+    assert NodeSpec.from_node_config({"client-id": "a, b"}).cids == ["a", "b"]
+    with pytest.raises(Exception, match="client-id"):
+        NodeSpec.from_node_config({})
+    import socket
+    a, b = socket.socketpair()
+    send_frame(a, {"op": "x"}, b"payload")
+    assert recv_frame(b, 100) == ({"op": "x"}, b"payload")
+    a.sendall((10**6).to_bytes(4, "little") + (1).to_bytes(8, "little"))
+    with pytest.raises(ConnectionError, match="too large"):
+        recv_frame(b, 100)
+    with pytest.raises(OSError):
+        ask_worker(str(tmp_path / "nobody.sock"), {"op": "describe"})
+
+
+@pytest.fixture
+def toy_cfg(tmp_path):
+    from test_e2e import _write_data
+
+    data = _write_data(tmp_path / "toy.jsonl")
+    return load_config(None, ["seed=3", "model.name=tiny-llama", f"data.source={data}", "data.splitter=meta",
+                              "data.num_clients=3", "data.max_length=64", f"data.cache_dir={tmp_path / 'tok'}",
+                              "peft.r=4", "train.local_steps=2", "train.batch_size=2", "fl.rounds=2"])
+
+
+def test_client_app_in_process_matches_the_simulated_client(toy_cfg, tmp_path):
+    """The ClientApp (no worker) answers a fit with the same bytes FedClient gives in simulation."""
+    from fedtune.client import ClientRuntime, FedClient
+    from fedtune.algorithms import get_algorithm
+    from fedtune.run import build_adapter_model, load_client_data
+    from fedtune.models import load_model
+    from fedtune.state import ClientStateStore
+    from fedtune.transport import handle_on_client
+
+    cfg_json = json.dumps(toy_cfg.to_dict())
+    ctx = Context(run_id=1, node_id=5, node_config={"client-id": "beta", "state-dir": str(tmp_path / "st")},
+                  state=RecordDict(), run_config={"fedtune-config": cfg_json})
+    base = load_model(toy_cfg.model)
+    tok = load_client_data(toy_cfg, base[1])
+    am = build_adapter_model(toy_cfg, base)
+    down = encode(Message(am.init, config={"round": 1}))
+    q = FMessage(RecordDict({RECORD: ConfigRecord({"payload": b""})}), 5, "query")
+    q.metadata.__dict__["_message_id"] = "q"
+    assert json.loads(client_app(q, ctx).content[RECORD]["clients"]) == {"beta": len(tok["beta"]["train"])}
+    m = FMessage(RecordDict({RECORD: ConfigRecord({"cid": "beta", "round": 1, "payload": down})}), 5, "train")
+    m.metadata.__dict__["_message_id"] = "m"
+    up = bytes(client_app(m, ctx).content[RECORD]["payload"])
+    rt = ClientRuntime(model=am.model, pad_id=am.tokenizer.pad_token_id, cfg=toy_cfg, device=am.device,
+                       algorithm=get_algorithm("fedavg"), store=ClientStateStore(None))
+    sim = handle_on_client(FedClient("beta", rt, **tok["beta"]), "fit", down)
+    from fedtune.messages import decode
+    a, b = decode(up), decode(sim)
+    assert a.tensors.keys() == b.tensors.keys()
+    assert all(torch.equal(a.tensors[k], b.tensors[k]) for k in a.tensors)
+    assert (tmp_path / "st" / "beta" / "round_00001.safetensors").is_file()
+
+
+def test_a_node_with_its_own_data_file_trains_on_that_file_only(toy_cfg, tmp_path):
+    from fedtune.flower.node import NodeHandler
+
+    own = tmp_path / "hospital.jsonl"
+    own.write_text("".join(json.dumps({"instruction": f"Say kiwi {i}", "input": "", "output": "kiwi " * (i % 3 + 1),
+                                       "category": "own"}) + "\n" for i in range(20)))
+    h = NodeHandler(toy_cfg, NodeSpec.from_node_config({"client-id": "hospital-a", "data": str(own)}))
+    client = h.clients["hospital-a"]
+    n_val = len(client.splits["val"]) if client.splits["val"] is not None else 0
+    n_test = len(client.splits["test"]) if client.splits["test"] is not None else 0
+    assert client.num_train + n_val + n_test == 20  # every record of the file, none of the run's data
+    assert h.describe() == {"hospital-a": client.num_train}
+    with pytest.raises(Exception, match="exactly one client-id"):
+        NodeSpec.from_node_config({"client-id": "a,b", "data": str(own)})
+    with pytest.raises(Exception, match="not a client of this run's data split"):
+        NodeHandler(toy_cfg, NodeSpec.from_node_config({"client-id": "delta"}))
