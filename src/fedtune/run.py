@@ -173,12 +173,13 @@ def initial_models(cfg: Config, names: list[str], init: dict[str, torch.Tensor])
     return {cid: dict(init) for cid in names} if cfg.fl.scenario == "local" else {GLOBAL: init}
 
 
-def resume_state(run_dir: Path, store: ClientStateStore, echo) -> tuple[int, dict[str, dict[str, torch.Tensor]], int]:
-    """Load the last checkpoint: (round it holds, models, first round to run)."""
+def resume_state(run_dir: Path, store: ClientStateStore, echo
+                 ) -> tuple[int, dict[str, dict[str, torch.Tensor]], int, dict[str, Any]]:
+    """Load the last checkpoint: (round it holds, models, first round to run, its metadata)."""
     ckpt = latest_checkpoint(run_dir)
-    resume_round, models, _ = load_checkpoint(ckpt, store)
+    resume_round, models, meta = load_checkpoint(ckpt, store)
     echo(f"resuming from {ckpt} (round {resume_round})")
-    return resume_round, models, resume_round + 1
+    return resume_round, models, resume_round + 1, meta
 
 
 def start_run(cfg: Config, resume: Path | str | None) -> Path:
@@ -302,7 +303,7 @@ def _run_server(cfg: Config, b: _Built, run_dir: Path, resume, echo, verbose: bo
     start = 1
     resume_round = None
     if resume:
-        resume_round, models, start = resume_state(run_dir, store, echo)
+        resume_round, models, start, _ = resume_state(run_dir, store, echo)
     logger = MetricsLogger(run_dir, tensorboard=cfg.output.tensorboard, resume_round=resume_round)
 
     task_eval = None

@@ -234,8 +234,11 @@ class Server:
             client_rows.setdefault(cid, {"round": rnd, "kind": "client", "client": cid}).update(vals)
 
     def checkpoint(self, rnd: int, final: bool = False) -> None:
+        # the clients are part of the run: a resumed deployment must wait for these, not for
+        # whichever SuperNodes happen to be connected when it restarts
         save_checkpoint(self.run_dir, rnd, self.models, self.store,
-                        {"fingerprint": self.cfg.fingerprint()}, keep=self.cfg.checkpoint.keep)
+                        {"fingerprint": self.cfg.fingerprint(), "clients": list(self.train_clients)},
+                        keep=self.cfg.checkpoint.keep)
         self.save_adapters(rnd, {k: self.as_sent(v) for k, v in self.models.items()}, final)
 
     def run(self, start_round: int = 1) -> list[dict[str, Any]]:

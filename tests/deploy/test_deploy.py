@@ -17,6 +17,7 @@ import ssl
 import subprocess
 import sys
 import time
+from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 import torch
@@ -66,6 +67,14 @@ def _simulate(cfg_file, tmp_path, overrides=()):
     return run(cfg, verbose=False).run_dir
 
 
+@pytest.fixture
+def reference(toy, tmp_path):
+    """The in-process simulation of ``toy``, computed in a thread while the deployment runs (the
+    deployment mostly waits on Flower's polling, so this costs the test little wall time)."""
+    with ThreadPoolExecutor(1) as pool:
+        yield pool.submit(_simulate, toy, tmp_path)
+
+
 def _max_diff(a_dir, b_dir):
     a = load_file(str(a_dir / "adapter" / "adapter_model.safetensors"))
     b = load_file(str(b_dir / "adapter" / "adapter_model.safetensors"))
@@ -77,10 +86,11 @@ def _start(dep, nodes=NODES):
     dep.start_superlink()
     for n in nodes:
         dep.start_supernode(n)
+    dep.wait_connected(nodes)  # the run takes the clients connected when it starts
 
 
 @pytest.mark.slow
-def test_deployment_matches_simulation_over_tls(toy, tmp_path, deployment):
+def test_deployment_matches_simulation_over_tls(toy, tmp_path, deployment, reference):
     t0 = time.monotonic()
     _start(deployment)
     # the SuperLink speaks TLS only, with a certificate our CA signed for 127.0.0.1
@@ -95,7 +105,7 @@ def test_deployment_matches_simulation_over_tls(toy, tmp_path, deployment):
     deployment.submit(toy, [f"output.dir={run_dir}"])
     wait_for_run(run_dir, 600, deployment)
     deployed_s = time.monotonic() - t0
-    sim = _simulate(toy, tmp_path)
+    sim = reference.result()
     assert _max_diff(run_dir, sim) <= 1e-6
     dep_rows = {(r["kind"], r["round"], r.get("client")): r for r in round_rows(run_dir)}
     sim_rows = {(r["kind"], r["round"], r.get("client")): r for r in round_rows(sim)}
@@ -163,7 +173,7 @@ def test_supernode_killed_mid_round_then_rejoins(toy, tmp_path, deployment):
 
 
 @pytest.mark.slow
-def test_server_restart_resumes_from_last_checkpoint(toy, tmp_path, deployment):
+def test_server_restart_resumes_from_last_checkpoint(toy, tmp_path, deployment, reference):
     run_dir = tmp_path / "resumed"
     _start(deployment)
     over = [f"output.dir={run_dir}"]
@@ -176,5 +186,5 @@ def test_server_restart_resumes_from_last_checkpoint(toy, tmp_path, deployment):
     deployment.submit(toy, over, resume=run_dir)
     text = wait_for_run(run_dir, 600, deployment)
     assert f"resuming from {run_dir / 'checkpoints' / done}" in text
-    sim = _simulate(toy, tmp_path)
+    sim = reference.result()
     assert _max_diff(run_dir, sim) <= 1e-6

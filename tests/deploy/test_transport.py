@@ -122,6 +122,71 @@ def test_a_restarted_node_is_found_again_and_a_short_round_fails_before_sending(
     assert t.node_of["b"] == 7
 
 
+class FakeClock:
+    """Time that moves only when the transport sleeps."""
+
+    def __init__(self):
+        self.t = 0.0
+
+    def __call__(self):
+        return self.t
+
+    def sleep(self, s):
+        self.t += s
+
+
+def unavailable_once(cids):
+    """A node just after a SuperLink restart: its first query gets the SuperLink's 'node unavailable'."""
+    calls = []
+
+    def handle(m):
+        calls.append(m.metadata.message_type)
+        if len(calls) == 1:
+            return FMessage(Error(5, "Error: Node Unavailable"), reply_to=m)
+        return echo_node(cids)(m)
+    return handle
+
+
+def test_a_node_whose_query_errs_is_asked_again_soon_not_after_the_join_timeout():
+    g, clock = FakeGrid(), FakeClock()
+    g.nodes = {1: echo_node(["a"]), 2: echo_node(["b"]), 3: unavailable_once(["c"])}
+    t = FlowerTransport(g, DeployConfig(poll_s=0.2, join_timeout_s=240), sleep=clock.sleep, clock=clock)
+    cids, _ = t.discover()
+    assert cids == ["a", "b", "c"]  # not a run of a and b alone after 240 s
+    assert clock.t < 10
+    # a node that never answers keeps the long back-off, so it cannot hold up every exchange
+    g2, clock2 = FakeGrid(), FakeClock()
+    g2.nodes = {1: echo_node(["a"]), 2: lambda m: None}
+    t2 = FlowerTransport(g2, DeployConfig(poll_s=0.2, join_timeout_s=30), sleep=clock2.sleep, clock=clock2)
+    assert t2.discover()[0] == ["a"]
+    n = len(g2.pushed)
+    t2.refresh()
+    assert len(g2.pushed) == n  # not asked again before join_timeout_s has passed
+
+
+def test_a_resumed_run_waits_for_its_checkpointed_clients():
+    """After a SuperLink restart the SuperNodes reconnect one by one: a resumed run must not start
+    with whoever is back first (it would aggregate fewer clients than the run it continues)."""
+    g, clock = FakeGrid(), FakeClock()
+    g.nodes = {1: echo_node(["a"])}
+    late = {2: echo_node(["b"]), 3: echo_node(["c"])}
+    real_ids = g.get_node_ids
+
+    def ids():  # b and c reconnect 5 s and 12 s later
+        for n, at in ((2, 5.0), (3, 12.0)):
+            if clock.t >= at:
+                g.nodes.setdefault(n, late[n])
+        return real_ids()
+    g.get_node_ids = ids
+    t = FlowerTransport(g, DeployConfig(poll_s=0.2, join_timeout_s=240), sleep=clock.sleep, clock=clock)
+    cids, num = t.discover(["a", "b", "c"])
+    assert cids == ["a", "b", "c"] and num == {"a": 10, "b": 10, "c": 10}
+    assert 12 <= clock.t < 20
+    g2 = FakeGrid()
+    g2.nodes = {1: echo_node(["a"])}
+    assert FlowerTransport(g2, dcfg(), sleep=lambda s: None).discover()[0] == ["a"]  # no list: whoever is there
+
+
 def test_discover_names_missing_clients():
     g = FakeGrid()
     g.nodes = {1: echo_node(["a"])}

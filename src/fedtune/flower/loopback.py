@@ -50,6 +50,7 @@ class Deployment:
         self.auth = auth
         self.port = free_port()
         self.procs: dict[str, subprocess.Popen] = {}
+        self._log_from: dict[str, int] = {}
         self.env = dict(os.environ, FLWR_HOME=str(self.home), PYTHONUNBUFFERED="1")
         self._fedtune(["deploy", "certs", "--out", str(self.certs), "--host", HOST]
                       + [a for n in nodes for a in ("--node", n)])
@@ -63,7 +64,9 @@ class Deployment:
                               capture_output=True, text=True, timeout=300, **kw)
 
     def _start(self, name: str, args: list[str]) -> subprocess.Popen:
-        log = open(self.logs / f"{name}.log", "ab")
+        path = self.logs / f"{name}.log"
+        self._log_from[name] = path.stat().st_size if path.exists() else 0  # this start's part of the log
+        log = open(path, "ab")
         p = subprocess.Popen([sys.executable, "-m", "fedtune.cli", *args], env=self.env, stdout=log,
                              stderr=subprocess.STDOUT, start_new_session=True)
         log.close()
@@ -95,6 +98,20 @@ class Deployment:
         if key:
             args += ["--key", str(self.certs / key)]
         return self._start(name, args)
+
+    def wait_connected(self, names: list[str] | tuple[str, ...], timeout: float = 180) -> None:
+        """Wait until each named SuperNode (as last started) has registered with the SuperLink.
+
+        Without ``deploy.clients`` a run takes the clients whose SuperNodes are connected when it
+        starts; a test or benchmark that submits right after starting its SuperNodes waits here."""
+        def connected(name: str) -> bool:
+            p = self.procs.get(name)
+            if p is not None and p.poll() is not None:
+                raise RuntimeError(f"SuperNode {name} exited:\n" + self.log(name))
+            with open(self.logs / f"{name}.log", "rb") as f:
+                f.seek(self._log_from.get(name, 0))
+                return b"SuperNode ID:" in f.read()
+        wait_until(lambda: all(connected(n) for n in names), timeout, f"SuperNodes {', '.join(names)} to connect")
 
     def submit(self, cfg_file: Path, overrides: list[str] = (), resume: Path | None = None) -> str:
         args = ["deploy", "submit", "--superlink", self.address, "--ca", str(self.certs / "ca.crt"),

@@ -51,13 +51,17 @@ def run_deployed(cfg: Config, grid, resume: str | Path | None = None, *, verbose
         transport = FlowerTransport(grid, cfg.deploy)
         echo(f"fedtune deploy: {cfg.model.name} + {cfg.peft.method}, waiting for SuperNodes "
              f"(up to {cfg.deploy.join_timeout_s:g}s) → {run_dir}")
-        cids, _ = transport.discover()
-        echo(f"clients: {', '.join(f'{c} (node {transport.node_of.get(c)}, {transport.num_train.get(c)} examples)' for c in cids)}")
         store = ClientStateStore(None)  # client state lives on the clients' machines
-        models = initial_models(cfg, cids, am.init)
-        start, resume_round = 1, None
+        start, resume_round, models, clients = 1, None, None, None
         if resume:
-            resume_round, models, start = resume_state(run_dir, store, echo)
+            # a resumed run goes on with the clients it had (whoever is connected right after a
+            # SuperLink restart may be fewer: SuperNodes reconnect on their own schedule)
+            resume_round, models, start, meta = resume_state(run_dir, store, echo)
+            clients = meta.get("clients")
+        cids, _ = transport.discover(clients)
+        echo(f"clients: {', '.join(f'{c} (node {transport.node_of.get(c)}, {transport.num_train.get(c)} examples)' for c in cids)}")
+        if models is None:
+            models = initial_models(cfg, cids, am.init)
         logger = MetricsLogger(run_dir, tensorboard=cfg.output.tensorboard, resume_round=resume_round)
         server = Server(cfg=cfg, algorithm=get_algorithm(cfg.fl.algorithm, weighting=cfg.fl.weighting),
                         transport=transport, train_clients=cids, eval_clients=cids,

@@ -43,6 +43,10 @@ log = logging.getLogger(__name__)
 _TYPES = {"fit": "train", "evaluate": "evaluate", "query": "query"}
 
 
+#: seconds before a SuperNode whose ``query`` came back with an error is asked again
+QUERY_RETRY_S = 2.0
+
+
 class RoundFailed(FedtuneError):
     """Fewer clients answered a fit exchange than ``deploy.min_clients``."""
 
@@ -53,14 +57,16 @@ def natural_key(s: str) -> list:
 
 
 class FlowerTransport:
-    def __init__(self, grid, deploy: DeployConfig, *, sleep: Callable[[float], None] = time.sleep):
+    def __init__(self, grid, deploy: DeployConfig, *, sleep: Callable[[float], None] = time.sleep,
+                 clock: Callable[[], float] = time.monotonic):
         self.grid = grid
         self.d = deploy
         self.sleep = sleep
+        self.clock = clock
         self.node_of: dict[str, int] = {}  # fedtune client id -> Flower node id
         self.answered: dict[int, list[str]] = {}  # node id -> the client ids it announced
         self.num_train: dict[str, int] = {}
-        self.failed: dict[int, float] = {}  # node id -> when its query went unanswered
+        self.retry_at: dict[int, float] = {}  # node id -> when to ask again after a failed query
 
     # ---- who is where ----------------------------------------------------------------------
     def refresh(self) -> None:
@@ -70,20 +76,23 @@ class FlowerTransport:
             for cid in self.answered.pop(n):
                 if self.node_of.get(cid) == n:
                     del self.node_of[cid]
-        now = time.monotonic()
-        # a node that did not answer its query is asked again only after join_timeout_s, so one
-        # broken SuperNode cannot hold up every exchange
-        new = sorted(n for n in online if n not in self.answered
-                     and now - self.failed.get(n, -float("inf")) >= self.d.join_timeout_s)
+        now = self.clock()
+        new = sorted(n for n in online if n not in self.answered and now >= self.retry_at.get(n, now))
         if not new:
             return
         got = self._exchange("query", {n: (n, b"", {}) for n in new}, timeout=self.d.join_timeout_s)
         for n in new:
             reply = got.get(n)
             if reply is None or reply.has_error():
+                # A node that never answered is asked again only after join_timeout_s, so one broken
+                # SuperNode cannot hold up every exchange. An error reply comes at once (typically
+                # "node unavailable" from a SuperLink that restarted before the node reconnected):
+                # ask again soon, or a node that is back a second later would be left out.
                 why = reply.error.reason if reply is not None else "no answer"
-                log.warning("SuperNode %s did not say which clients it holds (%s); asking again later", n, why)
-                self.failed[n] = time.monotonic()
+                wait = self.d.join_timeout_s if reply is None else min(self.d.join_timeout_s, QUERY_RETRY_S)
+                log.warning("SuperNode %s did not say which clients it holds (%s); asking again in %gs",
+                            n, why, wait)
+                self.retry_at[n] = self.clock() + wait
                 continue
             try:
                 clients = json.loads(reply.content[RECORD]["clients"])
@@ -105,18 +114,21 @@ class FlowerTransport:
 
     def wait_for(self, cids: list[str], need: int, timeout: float) -> list[str]:
         """Refresh until ``need`` of ``cids`` are connected (or ``timeout``); return those connected."""
-        end = time.monotonic() + timeout
+        end = self.clock() + timeout
         while True:
             self.refresh()
             have = [c for c in cids if c in self.node_of]
-            if len(have) >= need or time.monotonic() >= end:
+            if len(have) >= need or self.clock() >= end:
                 return have
             self.sleep(min(1.0, max(self.d.poll_s, 0.05)))
 
-    def discover(self) -> tuple[list[str], dict[str, int]]:
+    def discover(self, clients: list[str] | None = None) -> tuple[list[str], dict[str, int]]:
         """The run's clients (in aggregation order) and their training-set sizes, once enough
-        SuperNodes have connected; :class:`FedtuneError` if they do not within the join timeout."""
-        want = list(self.d.clients)
+        SuperNodes have connected; :class:`FedtuneError` if they do not within the join timeout.
+
+        ``clients`` (a resumed run's, from its checkpoint) or ``deploy.clients`` fix the set;
+        without either it is whoever has connected once every online SuperNode has answered."""
+        want = list(clients or self.d.clients)
         if want:
             need = len(want) if self.d.min_clients is None else min(self.d.min_clients, len(want))
             have = self.wait_for(want, len(want), self.d.join_timeout_s)
@@ -127,12 +139,12 @@ class FlowerTransport:
                     "start their SuperNodes (fedtune deploy supernode ...) or lower deploy.min_clients")
             return want, {c: self.num_train.get(c, 0) for c in want}
         need = self.d.min_clients or 1
-        end = time.monotonic() + self.d.join_timeout_s
+        end = self.clock() + self.d.join_timeout_s
         while True:
             self.refresh()
             online = set(self.grid.get_node_ids())
             settled = online <= set(self.answered)
-            if (len(self.node_of) >= need and settled) or time.monotonic() >= end:
+            if (len(self.node_of) >= need and settled) or self.clock() >= end:
                 break
             self.sleep(1.0)
         if len(self.node_of) < need:
@@ -163,7 +175,7 @@ class FlowerTransport:
             if not mid:
                 log.warning("the SuperLink refused the %s message for %s", kind, key)
         got: dict = {}
-        end = time.monotonic() + timeout
+        end = self.clock() + timeout
         while waiting:
             for reply in self.grid.pull_messages(list(waiting)):
                 key = waiting.pop(reply.metadata.reply_to_message_id, None)
@@ -172,7 +184,7 @@ class FlowerTransport:
                 got[key] = reply
                 if on_arrival is not None:
                     on_arrival(key, reply)
-            if not waiting or time.monotonic() >= end:
+            if not waiting or self.clock() >= end:
                 break
             self.sleep(self.d.poll_s)
         return got
