@@ -278,16 +278,24 @@ def join_cluster(rt: ClientRuntime, rank: int, cfg: Config, addr: str):
     return rt.cluster
 
 
-def follower_main(rank: int, world: int, addr: str, cfg_dict: dict) -> None:
-    """Entry point of a clustered-mode follower process (rank >= 1; see fedtune.distributed)."""
+def follower_main(rank: int, world: int, addr: str, cfg_dict: dict, build=None, build_args: tuple = ()) -> None:
+    """Entry point of a clustered-mode follower process (rank >= 1; see fedtune.distributed).
+
+    ``build(cfg, device, store, *build_args) -> (runtime, clients)`` makes the same clients as the
+    leader (a module-level function, so ``spawn`` can pass it); default: the simulation's."""
     from fedtune.distributed import follow, threads_per_rank
 
     logging.basicConfig(level=logging.WARNING)
     torch.set_num_threads(threads_per_rank(world))
     cfg = config_from_dict(cfg_dict)
     seed_everything(cfg.seed)
-    b = _build(cfg, rank_device(resolve_device(cfg.train.device), rank), ClientStateStore(None))
-    follow(join_cluster(b.rt, rank, cfg, addr), b.clients, b.rt.store)
+    device, store = rank_device(resolve_device(cfg.train.device), rank), ClientStateStore(None)
+    if build is None:
+        b = _build(cfg, device, store)
+        rt, clients = b.rt, b.clients
+    else:
+        rt, clients = build(cfg, device, store, *build_args)
+    follow(join_cluster(rt, rank, cfg, addr), clients, rt.store)
 
 
 def _run_server(cfg: Config, b: _Built, run_dir: Path, resume, echo, verbose: bool, t_start: float) -> RunResult:

@@ -286,3 +286,37 @@ def test_a_node_with_its_own_data_file_trains_on_that_file_only(toy_cfg, tmp_pat
         NodeSpec.from_node_config({"client-id": "a,b", "data": str(own)})
     with pytest.raises(Exception, match="not a client of this run's data split"):
         NodeHandler(toy_cfg, NodeSpec.from_node_config({"client-id": "delta"}))
+
+
+def test_a_clustered_node_trains_each_client_on_two_processes_like_one(toy_cfg, tmp_path):
+    """train.world_size=2 on a SuperNode: its fit answer equals the single-process node's (within
+    float tolerance, as in tests/test_distributed.py). The node trains on its own data file, so the
+    follower must build the node's clients, not the run's data split."""
+    from fedtune.adapters import get_adapter_state
+    from fedtune.flower.node import NodeHandler
+    from fedtune.messages import decode
+
+    own = tmp_path / "hospital.jsonl"
+    own.write_text("".join(json.dumps({"instruction": f"Say kiwi {i}", "input": "", "output": "kiwi " * (i % 3 + 1),
+                                       "category": "own"}) + "\n" for i in range(20)))
+    # 3 examples per step over 2 ranks: micro-batches of 2 and 1 per step, uneven slices
+    cfg = toy_cfg.model_copy(update={"train": toy_cfg.train.model_copy(update={"batch_size": 3, "local_steps": 3}),
+                                     "peft": toy_cfg.peft.model_copy(update={"dropout": 0.0})})
+    out = {}
+    for world in (1, 2):
+        c = cfg.model_copy(update={"train": cfg.train.model_copy(update={"world_size": world})})
+        spec = NodeSpec.from_node_config({"client-id": "hospital-a", "data": str(own),
+                                          "state-dir": str(tmp_path / f"state{world}")})
+        h = NodeHandler(c, spec)
+        try:
+            down = encode(Message(get_adapter_state(h.clients["hospital-a"].rt.model), config={"round": 1}))
+            out[world] = decode(h.handle("fit", "hospital-a", 1, down))
+        finally:
+            h.close()
+    a, b = out[1], out[2]
+    assert a.tensors.keys() == b.tensors.keys()
+    for k in a.tensors:
+        torch.testing.assert_close(b.tensors[k], a.tensors[k], rtol=1e-4, atol=1e-5)
+    assert max(a.tensors[k].abs().max().item() for k in a.tensors if "lora_B" in k) > 1e-4  # B starts at 0: it trained
+    assert b.metrics["train_tokens"] == a.metrics["train_tokens"]  # counted over both ranks
+    assert b.metrics["train_loss"] == pytest.approx(a.metrics["train_loss"], rel=1e-4)

@@ -120,26 +120,62 @@ class RoundStateStore(ClientStateStore):
                 del self._versions[cid][r]
 
 
+def build_node_clients(cfg: Config, device, store: ClientStateStore, spec: NodeSpec):
+    """This node's clients over one shared model: ``(runtime, {client id: FedClient})``. Built the
+    same way by the node and, in clustered mode, by each of its follower processes."""
+    from fedtune.algorithms import get_algorithm
+    from fedtune.client import ClientRuntime, FedClient
+    from fedtune.models import load_model
+    from fedtune.run import build_adapter_model, load_client_data
+
+    base = load_model(cfg.model)
+    tok = NodeHandler._data(cfg, spec, base[1], load_client_data)
+    am = build_adapter_model(cfg, base, device)
+    rt = ClientRuntime(model=am.model, pad_id=am.tokenizer.pad_token_id, cfg=cfg, device=am.device,
+                       algorithm=get_algorithm(cfg.fl.algorithm, weighting=cfg.fl.weighting), store=store)
+    return rt, {cid: FedClient(cid, rt, **tok[cid]) for cid in spec.cids}
+
+
 class NodeHandler:
-    """This node's clients: ``FedClient``s over one shared model, answering message bytes."""
+    """This node's clients: ``FedClient``s over one shared model, answering message bytes.
+
+    With ``train.world_size`` N > 1 (clustered mode) each client's local training runs on N
+    processes, exactly as in the simulation (:func:`fedtune.run.run`): followers are spawned here,
+    build the same clients (the node's own data file included) and mirror every fit the node
+    starts. :meth:`close` releases them.
+    """
 
     def __init__(self, cfg: Config, spec: NodeSpec):
-        from fedtune.algorithms import get_algorithm
-        from fedtune.client import ClientRuntime, FedClient
-        from fedtune.models import load_model
-        from fedtune.run import build_adapter_model, load_client_data
+        import torch
+
+        from fedtune.run import follower_main, join_cluster, rank_device, start_followers, stop_cluster
+        from fedtune.utils import resolve_device
 
         self.cfg, self.spec = cfg, spec
-        base = load_model(cfg.model)
-        tok = self._data(cfg, spec, base[1], load_client_data)
-        am = build_adapter_model(cfg, base)
         # versions to keep: the server may resume from a checkpoint up to `checkpoint.every` rounds old
         keep = (cfg.checkpoint.every or cfg.fl.rounds) + 1
         root = Path(spec.state_dir) if spec.state_dir else None
         self.store = RoundStateStore(root, keep=keep)
-        rt = ClientRuntime(model=am.model, pad_id=am.tokenizer.pad_token_id, cfg=cfg, device=am.device,
-                           algorithm=get_algorithm(cfg.fl.algorithm, weighting=cfg.fl.weighting), store=self.store)
-        self.clients = {cid: FedClient(cid, rt, **tok[cid]) for cid in spec.cids}
+        self._cluster, self._followers, self._threads = None, [], torch.get_num_threads()
+        if cfg.train.world_size > 1:  # followers first: they load while we do
+            addr, self._followers = start_followers(cfg, follower_main,
+                                                    (cfg.to_dict(), build_node_clients, (spec,)))
+        try:
+            rt, self.clients = build_node_clients(cfg, rank_device(resolve_device(cfg.train.device), 0),
+                                                  self.store, spec)
+            if self._followers:
+                self._cluster = join_cluster(rt, 0, cfg, addr)
+        except BaseException:
+            stop_cluster(self._cluster, self._followers, self._threads)
+            raise
+
+    def close(self) -> None:
+        """Release clustered-mode followers (a no-op with one process)."""
+        from fedtune.run import stop_cluster
+
+        if self._followers:
+            stop_cluster(self._cluster, self._followers, self._threads)
+            self._cluster, self._followers = None, []
 
     @staticmethod
     def _data(cfg: Config, spec: NodeSpec, tokenizer, load_client_data) -> dict[str, dict[str, Any]]:
@@ -235,6 +271,8 @@ class HandlerCache:
 
         key = json.dumps([config_json, node_config], sort_keys=True)
         if key != self.key or self.handler is None:
+            if self.handler is not None:
+                self.handler.close()
             self.handler = None  # free the old model first
             cfg = config_from_dict(json.loads(config_json))
             self.handler = NodeHandler(cfg, NodeSpec.from_node_config(node_config))
@@ -287,5 +325,7 @@ def serve_worker(path: str, *, ready_file: str | None = None) -> None:
                     except OSError:
                         pass
     finally:
+        if cache.handler is not None:
+            cache.handler.close()
         srv.close()
         p.unlink(missing_ok=True)
