@@ -25,7 +25,10 @@ import tempfile
 import time
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[1]
+from _common import REPO, make_log  # benchmarks/_common.py
+
+log = make_log("codec_tradeoff")
+
 
 #: name -> comm overrides (block 64 and topk fraction 0.1 unless given).
 SETTINGS: dict[str, dict] = {
@@ -43,10 +46,6 @@ SETTINGS: dict[str, dict] = {
     "topk10%+int8+zstd EF / int4+zstd": {"up": ["topk", "int8", "zstd"], "down": ["int4", "zstd"]},
 }
 QUICK = ["fp32", "int8+gzip", "int4+zstd"]
-
-
-def log(msg: str) -> None:
-    print(f"[codec_tradeoff {time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
 
 
 def base_config(quick: bool, out: Path) -> dict:

@@ -37,16 +37,11 @@ import tempfile
 import time
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[1]
+from _common import data_dir, make_log  # benchmarks/_common.py
+
+log = make_log("deploy_overhead")
+
 NODES = ("client_0", "client_1", "client_2")
-
-
-def log(msg: str) -> None:
-    print(f"[deploy_overhead {time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
-
-
-def data_dir() -> str:
-    return os.environ.get("FEDTUNE_DATA_DIR") or str((REPO / ".." / "shared" / "data").resolve())
 
 
 def round_seconds(run_dir: Path) -> tuple[list[float], float | None]:

@@ -28,12 +28,11 @@ import argparse
 import json
 import platform
 import statistics
-import sys
 import time
 
+from _common import make_log  # benchmarks/_common.py
 
-def log(msg: str) -> None:
-    print(f"[eval_throughput {time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
+log = make_log("eval_throughput")
 
 
 def main() -> None:

@@ -35,15 +35,9 @@ import tempfile
 import time
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[1]
+from _common import data_dir, make_log  # benchmarks/_common.py
 
-
-def log(msg: str) -> None:
-    print(f"[sim_memory {time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
-
-
-def data_dir() -> str:
-    return os.environ.get("FEDTUNE_DATA_DIR") or str((REPO / ".." / "shared" / "data").resolve())
+log = make_log("sim_memory")
 
 
 def _peak_mb() -> float:
