@@ -51,7 +51,10 @@ class Deployment:
         self.port = free_port()
         self.procs: dict[str, subprocess.Popen] = {}
         self._log_from: dict[str, int] = {}
-        self.env = dict(os.environ, FLWR_HOME=str(self.home), PYTHONUNBUFFERED="1")
+        # Flower starts its own executables (flower-superexec, flwr-clientapp) by name: put this
+        # interpreter's bin directory first so they are found even when the venv is not activated.
+        path = os.pathsep.join([str(Path(sys.executable).parent), os.environ.get("PATH", "")])
+        self.env = dict(os.environ, FLWR_HOME=str(self.home), PYTHONUNBUFFERED="1", PATH=path)
         self._fedtune(["deploy", "certs", "--out", str(self.certs), "--host", HOST]
                       + [a for n in nodes for a in ("--node", n)])
 
