@@ -15,7 +15,9 @@
     run on the same weights in the same memory; ``--bare-model separate`` uses a second copy of
     the model wrapped with peft directly (measured slower on this VM for identical work, which is
     why it is not the default). Clipping is kept because fedtune's config does it
-    (``train.max_grad_norm=1.0``): it is training math, not simulation overhead.
+    (``train.max_grad_norm=1.0``), and the loss is computed as fedtune computes it
+    (:func:`fedtune.training.lm_loss`, the LM head only on labelled positions): both are training
+    math, not simulation overhead.
 
 Both paths are warmed up (one step per client, not timed), then alternate (fed/bare, bare/fed,
 ...) ``--repeats`` times; ``ratio`` is the median over repeats of fed_seconds / bare_seconds
@@ -114,7 +116,7 @@ def drive(server, bench: Bench) -> list:
     import torch
 
     from fedtune.models import arch_info, load_model
-    from fedtune.training import BatchStream
+    from fedtune.training import BatchStream, label_logits_supported, lm_loss
     from fedtune.utils import derive_seed
 
     args, cfg = bench.args, server.cfg
@@ -142,6 +144,7 @@ def drive(server, bench: Bench) -> list:
         bare = peft.get_peft_model(base, lcfg)
         swap = None
     bparams = [p for p in bare.parameters() if p.requires_grad]
+    label_only = label_logits_supported(bare)
     bopt = torch.optim.AdamW(bparams, lr=cfg.train.lr, weight_decay=cfg.train.weight_decay)
     # The very same batch order as each FedClient: its BatchStream seed and resumed position.
     streams = {cid: BatchStream(data[cid].lengths, cfg.train.batch_size, derive_seed(cfg.seed, "data", cid),
@@ -159,9 +162,10 @@ def drive(server, bench: Bench) -> list:
             d = data[cid]
             ids = torch.tensor([d.input_ids[j] for j in idx])
             lab = torch.tensor([d.labels[j] for j in idx])
-            out = bare(input_ids=ids, attention_mask=torch.ones_like(ids), labels=lab)
+            loss = lm_loss(bare, {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": lab},
+                           label_only)
             bopt.zero_grad(set_to_none=True)
-            out.loss.backward()
+            loss.backward()
             torch.nn.utils.clip_grad_norm_(bparams, cfg.train.max_grad_norm)
             bopt.step()
             tokens += ids.numel()
@@ -296,7 +300,7 @@ def main() -> None:
             "data": "fed-dolly preset (8 meta clients)", "clients": bench.result["clients"],
             "local_steps": args.steps, "batch_size": 1, "precision": "fp32", "max_length": args.max_length,
             "client_state": "disk", "eval_every": 0, "checkpoint_every": 0, "repeats": args.repeats,
-            "bare_loop": "PeftModel + AdamW, forward/backward/clip(1.0)/step, same examples and order",
+            "bare_loop": "PeftModel + AdamW, forward/lm_loss/backward/clip(1.0)/step, same examples and order",
             "bare_model": args.bare_model,
             "torch": torch.__version__, "threads": torch.get_num_threads(), "cpu_count": os.cpu_count(),
             "machine": platform.machine(),

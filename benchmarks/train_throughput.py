@@ -7,7 +7,8 @@ real (non-padding) tokens.
 
 * ``ours_bf16_b8`` (headline): :func:`fedtune.training.train_local` with its
   :class:`~fedtune.training.BatchStream` (length-grouped batches), batch size 8, bf16 autocast
-  (adapter weights and optimizer state stay fp32), gradient clipping at 1.0 (fedtune's default).
+  (adapter weights and optimizer state stay fp32), gradient clipping at 1.0 (fedtune's default),
+  and the LM head run only on positions that predict a label (``fedtune.training.lm_loss``).
 * ``fsllm_fp32_b1`` (baseline): the loop FS-LLM's ``LLMTrainer`` runs (federatedscope/llm/trainer/
   trainer.py, ``llm`` branch): a ``torch.utils.data.DataLoader`` with ``shuffle=True`` and batch
   size 1 (the Fed-Dolly configs' ``dataloader.batch_size: 1``), fp32, no length bucketing,
@@ -21,8 +22,8 @@ real (non-padding) tokens.
   is its EOS), and the optimizer is AdamW like ours (FS-LLM's default is SGD; the optimizer step
   is a negligible part of a step here). FS-LLM does not clip gradients by default.
 * intermediate arms (ours in fp32 at batch 8, ours in bf16 at batch 1, ours with FS-LLM's
-  settings fp32 batch 1, ours bf16 batch 8 without length grouping) show where the speed comes
-  from.
+  settings fp32 batch 1, ours bf16 batch 8 without length grouping, ours bf16 batch 8 with the
+  LM head on every position as HF's loss does) show where the speed comes from.
 
 The machine is shared and noisy, so the arms are interleaved finely: the examples are processed
 in chunks of 8, and every arm does its next chunk before any arm does the one after (the order
@@ -45,6 +46,7 @@ import platform
 import statistics
 import sys
 import time
+from unittest import mock
 
 from _common import CpuMonitor, data_dir, make_log  # benchmarks/_common.py
 
@@ -141,7 +143,8 @@ class Arm:
 
 
 class OursArm(Arm):
-    def __init__(self, name, pm, params, init, ds, pad_id, lr, seed, *, batch_size, precision, group=True):
+    def __init__(self, name, pm, params, init, ds, pad_id, lr, seed, *, batch_size, precision, group=True,
+                 label_logits=True):
         import torch
 
         from fedtune.config import TrainConfig
@@ -155,8 +158,10 @@ class OursArm(Arm):
         self.opt = make_optimizer(params, self.tcfg)
         self.step = 0
         self.device = torch.device("cpu")
+        self.label_logits = label_logits
         self.settings = {"trainer": "fedtune.training.train_local", "batch_size": batch_size,
-                         "precision": precision, "group_by_length": group, "max_grad_norm": self.tcfg.max_grad_norm}
+                         "precision": precision, "group_by_length": group, "max_grad_norm": self.tcfg.max_grad_norm,
+                         "lm_head_on_labelled_positions_only": label_logits}
 
     def _train(self, n):
         from fedtune.training import train_local
@@ -167,8 +172,12 @@ class OursArm(Arm):
         for _ in range(steps):
             b = next(self.twin)
             padded += max(lengths[j] for j in b) * len(b)
-        stats = train_local(self.pm, self.ds, self.stream, self.opt, self.tcfg, steps=steps, start_step=self.step,
-                            total_steps=10**9, pad_id=self.pad_id, device=self.device)
+        # label_logits=False: train_local as it is, but with the LM head on every position (HF's loss)
+        full = contextlib.nullcontext() if self.label_logits else \
+            mock.patch("fedtune.training.label_logits_supported", lambda model: False)
+        with full:
+            stats = train_local(self.pm, self.ds, self.stream, self.opt, self.tcfg, steps=steps,
+                                start_step=self.step, total_steps=10**9, pad_id=self.pad_id, device=self.device)
         self.step += steps
         return stats.tokens, padded, stats.seconds, stats.steps, stats.loss_sum / max(stats.label_tokens, 1) * steps
 
@@ -257,6 +266,8 @@ def main() -> None:
                     OursArm("ours_fp32_b1", pm, params, init, ds, pad, lr, seed=1, batch_size=1, precision="fp32"),
                     OursArm("ours_bf16_b8_nogroup", pm, params, init, ds, pad, lr, seed=1, batch_size=8,
                             precision="bf16", group=False),
+                    OursArm("ours_bf16_b8_full_logits", pm, params, init, ds, pad, lr, seed=1, batch_size=8,
+                            precision="bf16", label_logits=False),
                 ]
             return arms
 

@@ -214,3 +214,39 @@ def test_fp16_autocast_with_grad_scaler(peft_model, device):
     assert moved > 0
     pm.to("cpu")
     set_adapter_state(pm, init)
+
+
+@pytest.mark.parametrize("arch", ["tiny-llama", "tiny-gpt2", "tiny-opt", "tiny-qwen2"])
+def test_label_only_logits_give_hf_loss_and_gradients(arch):
+    """The LM head on labelled positions only must give HF's own full-logits loss and gradients."""
+    from fedtune.models import load_model
+    from fedtune.training import label_logits_supported, lm_loss
+
+    model, _ = load_model(ModelConfig(name=arch))
+    torch.manual_seed(0)
+    pm = attach_adapter(model, PeftConfig(r=4, dropout=0.0))
+    with torch.no_grad():
+        for _, p in trainable_parameters(pm):
+            p.normal_(0, 0.02)
+    assert label_logits_supported(pm)
+    data = DS(n=5, seed=3)  # ragged lengths: right padding inside the batch
+    batch = collate(data.input_ids, data.labels, 0)
+    params = [p for _, p in trainable_parameters(pm)]
+    results = []
+    for label_only in (False, True):
+        pm.zero_grad(set_to_none=True)
+        loss = lm_loss(pm, batch, label_only)
+        loss.backward()
+        results.append((loss.detach(), [p.grad.clone() for p in params]))
+    (full, g_full), (part, g_part) = results
+    assert torch.allclose(full, part, rtol=1e-5, atol=1e-6)
+    for a, b in zip(g_full, g_part):
+        assert torch.allclose(a, b, rtol=1e-4, atol=1e-7)
+
+
+def test_prompt_learning_adapters_keep_the_full_logits_path():
+    from fedtune.models import load_model
+    from fedtune.training import label_logits_supported
+
+    model, _ = load_model(ModelConfig(name="tiny-llama"))
+    assert not label_logits_supported(attach_adapter(model, PeftConfig(method="prompt_tuning", num_virtual_tokens=4)))

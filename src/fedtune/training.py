@@ -9,6 +9,7 @@ callable ``extra_loss(model) -> tensor`` from the algorithm's own file.
 
 from __future__ import annotations
 
+import inspect
 import math
 import time
 from collections.abc import Callable, Sequence
@@ -18,6 +19,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 
 from fedtune.config import TrainConfig
 from fedtune.utils import derive_seed
@@ -144,6 +146,38 @@ def _n_label_tokens(labels: torch.Tensor) -> int:
     return int((labels[:, 1:] != IGNORE).sum())  # causal LM: position t predicts t+1
 
 
+def label_logits_supported(model: torch.nn.Module) -> bool:
+    """Whether :func:`lm_loss` may run the LM head on labelled positions only for ``model``.
+
+    Needs a forward that takes HF's ``logits_to_keep`` (every causal LM in transformers 5 does);
+    prompt-learning adapters (prefix/P-/prompt tuning) are excluded because peft prepends virtual
+    tokens, which shifts every position."""
+    cfgs = getattr(model, "peft_config", None) or {}
+    if any(getattr(c, "is_prompt_learning", False) for c in cfgs.values()):
+        return False
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    return "logits_to_keep" in inspect.signature(base.forward).parameters
+
+
+def lm_loss(forward: Callable, batch: dict[str, torch.Tensor], label_logits_only: bool) -> torch.Tensor:
+    """Mean next-token loss over the labelled tokens of ``batch`` (HF's causal-LM loss).
+
+    With ``label_logits_only`` the vocabulary projection runs only where position t predicts a
+    labelled token t+1 (a boolean ``logits_to_keep`` mask): labels mask the prompt, so on
+    instruction data most positions need no logits, and for a small model the LM head and its
+    softmax over ~49k tokens are a large share of a step's compute and memory. The loss is the
+    same mean over the same tokens. Neither transformers nor peft does this for training, so it
+    is written here.
+    """
+    if not label_logits_only:
+        return forward(**batch).loss
+    labels = batch["labels"]
+    keep = torch.zeros_like(labels, dtype=torch.bool)
+    keep[:, :-1] = labels[:, 1:] != IGNORE
+    out = forward(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], logits_to_keep=keep)
+    return F.cross_entropy(out.logits.float(), labels[:, 1:][keep[:, :-1]])
+
+
 def train_local(
     model: torch.nn.Module,
     data,  # TokenizedDataset: .input_ids, .labels
@@ -174,6 +208,7 @@ def train_local(
     params = [p for g in optimizer.param_groups for p in g["params"]]
     world = parallel.world if parallel is not None else 1
     forward = parallel.model if parallel is not None else model
+    label_only = label_logits_supported(model)
     stats = TrainStats()
     model.train()
     t0 = time.perf_counter()
@@ -202,21 +237,24 @@ def train_local(
             sync = parallel.no_sync(last=j == len(batches) - 1) if parallel is not None else nullcontext()
             with sync:
                 with autocast_context(cfg.precision, device):
-                    out = forward(**batch)
-                if n == 0:  # clustered mode: keep in step with the other ranks, contribute nothing
-                    loss = out.logits.float().sum() * 0.0
-                else:
+                    if n == 0:  # clustered mode: keep in step with the other ranks, contribute nothing
+                        mean = forward(**batch).logits.float().sum() * 0.0
+                    else:
+                        mean = lm_loss(forward, batch, label_only).float()
+                if n:
                     # Exact token-level mean over the whole accumulation group (all ranks).
-                    loss = out.loss.float() * (n / total * world)
+                    loss = mean * (n / total * world)
                     if extra_loss is not None:
                         loss = loss + extra_loss(model) * (n / total * world)
+                else:
+                    loss = mean
                 if not torch.isfinite(loss):
                     finite = False
                     if parallel is None:
                         break
                 (scaler.scale(loss) if scaler is not None else loss).backward()
             if n:
-                step_loss += float(out.loss.detach().float()) * n
+                step_loss += float(mean.detach()) * n
                 step_tokens += int(batch["attention_mask"].sum())
                 step_examples += batch["input_ids"].shape[0]
         if parallel is not None:
@@ -260,6 +298,7 @@ def evaluate_loss(model: torch.nn.Module, data, *, batch_size: int, pad_id: int,
                   precision: str = "fp32") -> tuple[float, int]:
     """Sum of token losses and number of labelled tokens of ``data`` (batched by length)."""
     model.eval()
+    label_only = label_logits_supported(model)
     order = sorted(range(len(data.input_ids)), key=lambda j: len(data.input_ids[j]))
     loss_sum, n_tok = 0.0, 0
     for k in range(0, len(order), batch_size):
@@ -269,7 +308,7 @@ def evaluate_loss(model: torch.nn.Module, data, *, batch_size: int, pad_id: int,
         if n == 0:
             continue
         with autocast_context(precision, device):
-            out = model(**batch)
-        loss_sum += float(out.loss.float()) * n
+            loss = lm_loss(model, batch, label_only)
+        loss_sum += float(loss.float()) * n
         n_tok += n
     return loss_sum, n_tok
