@@ -100,7 +100,8 @@ class TrainConfig(_Section):
     lr: float = Field(default=3e-4, gt=0)
     weight_decay: float = Field(default=0.0, ge=0)
     momentum: float = Field(default=0.0, ge=0, lt=1)
-    #: the schedule counts a client's steps across rounds; it is never restarted per round.
+    #: runs over the whole run (rounds x local steps), never restarted per round: local step s of
+    #: round r is step (r-1)*steps + s for every client, sampled in earlier rounds or not.
     scheduler: Literal["constant", "linear", "cosine"] = "constant"
     warmup_steps: int = Field(default=0, ge=0)
     #: optimizer steps per round; ignored when ``local_epochs`` is set.
@@ -115,7 +116,7 @@ class TrainConfig(_Section):
     keep_optimizer_state: bool = True
     #: batch examples of similar length so little compute goes to padding.
     group_by_length: bool = True
-    #: where per-client state (optimizer moments, schedule position) lives between rounds:
+    #: where per-client state (optimizer moments, data position, fp16 loss scale) lives between rounds:
     #: ``disk`` keeps memory flat however many clients there are; ``memory`` is a bit faster.
     client_state: Literal["disk", "memory"] = "disk"
     device: str = "auto"

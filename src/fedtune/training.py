@@ -100,7 +100,9 @@ def collate(input_ids: Sequence[Sequence[int]], labels: Sequence[Sequence[int]],
 
 
 def lr_factor(step: int, cfg: TrainConfig, total_steps: int) -> float:
-    """Multiplier of ``cfg.lr`` at a client's ``step`` (counted across rounds, never restarted)."""
+    """Multiplier of ``cfg.lr`` at ``step`` of ``total_steps``: the federation's progress (local step
+    s of round r is ``(r-1)*steps + s``), so it is never restarted per round and every client,
+    sampled or not in earlier rounds, follows the same curve."""
     if cfg.warmup_steps and step < cfg.warmup_steps:
         return (step + 1) / cfg.warmup_steps
     if cfg.scheduler == "constant":
@@ -231,6 +233,7 @@ def train_local(
         optimizer.zero_grad(set_to_none=True)
         step_loss, step_tokens, step_examples = 0.0, 0, 0
         finite = total > 0
+        unscaled = False  # whether the scaler recorded this step's inf checks (it may update)
         for j, (batch, n) in enumerate(zip(batches, counts)):
             if n == 0 and parallel is None:
                 continue
@@ -264,6 +267,7 @@ def train_local(
         if finite:
             if scaler is not None:
                 scaler.unscale_(optimizer)
+                unscaled = True
             if cfg.max_grad_norm is not None:
                 norm = torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
             else:
@@ -281,7 +285,11 @@ def train_local(
             # NaN/Inf guard: drop this step's gradients, leave weights untouched, count it.
             optimizer.zero_grad(set_to_none=True)
             stats.skipped_nonfinite += 1
-            if scaler is not None:
+            # fp16: overflowing *gradients* (found by unscale_) back the loss scale off, as in
+            # torch.amp. A non-finite *loss* stops the step before the scaler sees it: the forward
+            # overflowed, which the scale cannot help, and ``update()`` without recorded inf checks
+            # is an error (GradScaler asserts), so the scale is left as it is.
+            if unscaled:
                 scaler.update()
         stats.steps += 1
         stats.lr = lr
