@@ -269,6 +269,9 @@ def test_fp16_nan_guard_skips_with_grad_scaler(peft_model, device):
 @pytest.mark.parametrize("arch", ["tiny-llama", "tiny-gpt2", "tiny-opt", "tiny-qwen2"])
 def test_label_only_logits_give_hf_loss_and_gradients(arch):
     """The LM head on labelled positions only must give HF's own full-logits loss and gradients."""
+    import transformers
+    from packaging.version import Version
+
     from fedtune.models import load_model
     from fedtune.training import label_logits_supported, lm_loss
 
@@ -278,7 +281,11 @@ def test_label_only_logits_give_hf_loss_and_gradients(arch):
     with torch.no_grad():
         for _, p in trainable_parameters(pm):
             p.normal_(0, 0.02)
-    assert label_logits_supported(pm)
+    # transformers takes a boolean logits_to_keep from 5.21 on; before, the full-logits path is used
+    new_enough = Version(transformers.__version__) >= Version("5.21")
+    assert label_logits_supported(pm) == new_enough
+    if not new_enough:
+        pytest.skip(f"transformers {transformers.__version__} has no boolean logits_to_keep")
     data = DS(n=5, seed=3)  # ragged lengths: right padding inside the batch
     batch = collate(data.input_ids, data.labels, 0)
     params = [p for _, p in trainable_parameters(pm)]
@@ -292,6 +299,32 @@ def test_label_only_logits_give_hf_loss_and_gradients(arch):
     assert torch.allclose(full, part, rtol=1e-5, atol=1e-6)
     for a, b in zip(g_full, g_part):
         assert torch.allclose(a, b, rtol=1e-4, atol=1e-7)
+
+
+def test_models_without_a_logits_mask_fall_back_to_full_logits(monkeypatch):
+    """transformers < 5.21 takes ``logits_to_keep`` (an int or positions) but indexes a boolean mask
+    wrongly: the capability is probed, not read off the parameter name, and training still runs."""
+    import transformers.models.llama.modeling_llama as llama
+
+    from fedtune.models import load_model
+    from fedtune.training import label_logits_supported, lm_loss
+
+    def old_slice(hidden_states, logits_to_keep):  # transformers 5.20's code, inlined in each model
+        keep = slice(-logits_to_keep, None) if isinstance(logits_to_keep, int) else logits_to_keep
+        return hidden_states[:, keep, :]
+
+    monkeypatch.setattr(llama, "slice_logits_to_keep", old_slice, raising=False)  # < 5.21: already so
+    model, _ = load_model(ModelConfig(name="tiny-llama"))
+    pm = attach_adapter(model, PeftConfig(r=4, dropout=0.0))
+    assert not label_logits_supported(pm)
+    data = DS(n=4, seed=5)
+    batch = collate(data.input_ids, data.labels, 0)
+    assert torch.equal(lm_loss(pm, batch, label_logits_supported(pm)), pm(**batch).loss)
+    cfg = TrainConfig(lr=1e-3, batch_size=2)
+    opt = make_optimizer([p for _, p in trainable_parameters(pm)], cfg)
+    stats = train_local(pm, data, BatchStream(data.lengths, 2, seed=0), opt, cfg, steps=2, start_step=0,
+                        total_steps=2, pad_id=0, device=torch.device("cpu"))
+    assert stats.skipped_nonfinite == 0 and math.isfinite(stats.loss)
 
 
 def test_prompt_learning_adapters_keep_the_full_logits_path():
