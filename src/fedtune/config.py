@@ -119,12 +119,28 @@ class TrainConfig(_Section):
     #: where per-client state (optimizer moments, data position, fp16 loss scale) lives between rounds:
     #: ``disk`` keeps memory flat however many clients there are; ``memory`` is a bit faster.
     client_state: Literal["disk", "memory"] = "disk"
+    #: ``auto`` (CUDA when present, else CPU), ``cpu``, ``cuda``, ``cuda:N``, ``mps``; checked
+    #: against this machine before a run writes anything.
     device: str = "auto"
     #: clustered mode: processes sharing each client's local training (torch DDP; each takes a
     #: disjoint slice of every step's examples). 1: a single process. See docs/codecs.md#clustered.
     world_size: int = Field(default=1, ge=1, le=64)
     #: ``auto``: NCCL on CUDA devices, gloo on CPU.
     dist_backend: Literal["auto", "gloo", "nccl"] = "auto"
+
+    @field_validator("device")
+    @classmethod
+    def _device(cls, v: str) -> str:
+        # the name only; whether this machine has the device is checked when the run starts
+        # (fedtune.utils.resolve_device): a config may be written on one machine for another
+        if v != "auto":
+            import torch
+
+            try:
+                torch.device(v)
+            except (RuntimeError, ValueError):
+                raise ValueError(f"'{v}' is not a device name; use auto, cpu, cuda, cuda:N or mps") from None
+        return v
 
 
 #: Message codec names by role; :mod:`fedtune.codecs` implements each (a contract test keeps the
