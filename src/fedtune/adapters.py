@@ -148,11 +148,12 @@ def set_adapter_state(model: torch.nn.Module, state: TensorDict) -> None:
             p.copy_(t)
 
 
-def save_adapter(model: PeftModel, state: TensorDict, out_dir: Path, extra: dict | None = None) -> None:
+def save_adapter(model: PeftModel, state: TensorDict, out_dir: Path, extra: dict | None = None,
+                 files: dict[str, str] | None = None) -> None:
     """Save ``state`` in PEFT format (``PeftModel.from_pretrained`` loads it) plus fedtune metadata.
 
     Writes into a temp directory that is renamed into place, so a crash never leaves a
-    half-written adapter.
+    half-written adapter; ``files`` (name -> text, e.g. the prompt template) go in with it.
     """
     import os
     import shutil
@@ -169,6 +170,8 @@ def save_adapter(model: PeftModel, state: TensorDict, out_dir: Path, extra: dict
                 "base_model": getattr(model.get_base_model().config, "fedtune_name", None)}
         meta.update(extra or {})
         (tmp / "fedtune_adapter.json").write_text(json.dumps(meta, indent=2, sort_keys=True))
+        for name, text in (files or {}).items():
+            (tmp / name).write_text(text)
         old = None
         if out_dir.exists():
             old = out_dir.with_name(f".{out_dir.name}.old")

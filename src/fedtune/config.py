@@ -260,6 +260,9 @@ class CheckpointConfig(_Section):
 class OutputConfig(_Section):
     #: run directory; ``null`` makes ``runs/<name>-<timestamp>``.
     dir: str | None = None
+    #: when ``dir`` already holds a run: replace it (it is renamed aside and deleted once the new
+    #: run is set up, put back if that fails) instead of refusing. ``--resume`` ignores this.
+    overwrite: bool = False
     name: str = "run"
     tensorboard: bool = True
     progress: bool = True
