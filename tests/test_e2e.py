@@ -218,8 +218,8 @@ def test_cli_bad_inputs(cfg_file, tmp_path):
     (["model.name=no-such-model"], ["unknown model"]),
     (["data.source=/nonexistent/x.jsonl"], ["x.jsonl"]),
     (["data.splitter=iid", "data.num_clients=500"], ["client"]),
-    (["data.label_field=colour"], ["colour"]),
-    (["data.num_clients=5"], ["5"]),  # meta: 3 categories cannot make 5 clients
+    (["data.label_field=colour"], ["data.label_field", "colour"]),
+    (["data.num_clients=5"], ["5 clients", "data.num_clients"]),  # meta: 3 categories cannot make 5 clients
     (["eval.tasks=[nosuch]"], ["nosuch"]),
     (["peft.target_modules=[nosuch]"], ["nosuch", "q_proj"]),
     (["train.device=foo"], ["train.device", "foo"]),
