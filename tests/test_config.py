@@ -38,6 +38,9 @@ def test_invalid_value_is_one_clear_error():
         config_from_dict({"peft": {"method": "lora2"}})
     with pytest.raises(FedtuneError, match="clients_per_round"):
         config_from_dict({"fl": {"clients_per_round": 1.5}})
+    with pytest.raises(FedtuneError, match="train.device.*'gpu0' is not a device name"):
+        config_from_dict({"train": {"device": "gpu0"}})
+    assert config_from_dict({"train": {"device": "cuda:1"}}).train.device == "cuda:1"  # checked at run time
 
 
 def test_bad_override_syntax():

@@ -1,9 +1,11 @@
 """End-to-end: a few rounds on a tiny random model, through the real run path and the CLI."""
 
 import json
+import math
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -47,10 +49,29 @@ def _adapter(run_dir):
     return load_file(str(run_dir / "adapter" / "adapter_model.safetensors"))
 
 
-def test_fed_run_end_to_end(cfg_file, tmp_path):
+def test_fed_run_end_to_end(cfg_file, tmp_path, monkeypatch):
+    # every adapter directory is complete when it is renamed into place, and a checkpoint's adapter
+    # is there before `latest` names that checkpoint
+    renames = []
+    real_replace = os.replace
+
+    def spy_replace(src, dst):
+        src, dst = Path(src), Path(dst)
+        if dst.name == "adapter":
+            latest = dst.parents[1] / "latest"
+            renames.append((dst, (src / "fedtune_template.json").is_file(),
+                            latest.read_text().strip() if latest.is_file() else None))
+        return real_replace(src, dst)
+
+    monkeypatch.setattr(os, "replace", spy_replace)
     cfg = load_config(cfg_file, [f"output.dir={tmp_path / 'run'}"])
     res = run(cfg, verbose=False)
+    monkeypatch.setattr(os, "replace", real_replace)
     d = res.run_dir
+    ckpt_renames = [r for r in renames if r[0].parent.name.startswith("round_")]
+    assert [r[0].parent.name for r in ckpt_renames] == ["round_00001", "round_00002"]
+    assert all(has_template for _, has_template, _ in renames) and len(renames) == 3  # + run_dir/adapter
+    assert [latest for _, _, latest in ckpt_renames] == [None, "round_00001"]
     # metrics: per client and per round, for rounds 0..2
     rows = [json.loads(l) for l in (d / "metrics.jsonl").read_text().splitlines()]
     rounds = [r for r in rows if r["kind"] == "round"]
@@ -61,6 +82,11 @@ def test_fed_run_end_to_end(cfg_file, tmp_path):
     for key in ("train_loss", "val_loss", "test_loss", "val_ppl", "bytes_up", "bytes_down", "peak_rss_mb",
                 "tokens_per_s"):
         assert r2[key] is not None, key
+    evaluated = [r for r in rows if r["kind"] == "client" and "val_loss" in r]
+    assert len(evaluated) == 9  # 3 clients x rounds 0..2, each with its own perplexity
+    for r in evaluated:
+        assert r["val_ppl"] == pytest.approx(math.exp(r["val_loss"]))
+        assert r["test_ppl"] == pytest.approx(math.exp(r["test_loss"]))
     assert r2["val_loss"] < rounds[0]["val_loss"]  # learning happened
     # bytes: the exact size of the serialised adapter, 3 clients each way
     c2 = [r for r in rows if r["kind"] == "client" and r["round"] == 2]
@@ -96,9 +122,20 @@ def test_same_config_same_result(cfg_file, tmp_path):
 
 
 def test_resume_after_crash_reaches_same_adapter(cfg_file, tmp_path, monkeypatch):
-    straight = run(load_config(cfg_file, [f"output.dir={tmp_path / 's'}", "fl.rounds=3"]), verbose=False)
+    import random
+
+    import numpy as np
 
     real = Server.run_round
+    at_round_3 = []  # the global RNG states when round 3 starts: the resumed run must have them too
+
+    def record(self, rnd):
+        if rnd == 3:
+            at_round_3.append((torch.get_rng_state(), np.random.get_state()[1].copy(), random.getstate()))
+        return real(self, rnd)
+
+    monkeypatch.setattr(Server, "run_round", record)
+    straight = run(load_config(cfg_file, [f"output.dir={tmp_path / 's'}", "fl.rounds=3"]), verbose=False)
 
     def crash_in_round_3(self, rnd):
         if rnd == 3:
@@ -109,11 +146,13 @@ def test_resume_after_crash_reaches_same_adapter(cfg_file, tmp_path, monkeypatch
     cfg = load_config(cfg_file, [f"output.dir={tmp_path / 'c'}", "fl.rounds=3"])
     with pytest.raises(RuntimeError, match="simulated crash"):
         run(cfg, verbose=False)
-    monkeypatch.setattr(Server, "run_round", real)
+    monkeypatch.setattr(Server, "run_round", record)
     resumed = run(cfg, resume=tmp_path / "c", verbose=False)
     ta, tb = _adapter(straight.run_dir), _adapter(resumed.run_dir)
     assert ta.keys() == tb.keys()
     assert all(torch.equal(ta[k], tb[k]) for k in ta)
+    (t1, n1, p1), (t2, n2, p2) = at_round_3
+    assert torch.equal(t1, t2) and (n1 == n2).all() and p1 == p2
     rounds = [json.loads(l)["round"] for l in (tmp_path / "c" / "metrics.jsonl").read_text().splitlines()
               if json.loads(l)["kind"] == "round"]
     assert rounds == [0, 1, 2, 3]
@@ -172,6 +211,70 @@ def test_cli_bad_inputs(cfg_file, tmp_path):
     _assert_user_error(_cli(["run", str(cfg_file), f"data.source={bad}", "data.splitter=iid"], tmp_path),
                        "bad.jsonl", "2")
     _assert_user_error(_cli(["run", str(tmp_path / "nope.yaml")], tmp_path), "not found")
+    assert not (tmp_path / "runs").exists()  # no output.dir: nothing was made under runs/ either
+
+
+@pytest.mark.parametrize("overrides,needles", [
+    (["model.name=no-such-model"], ["unknown model"]),
+    (["data.source=/nonexistent/x.jsonl"], ["x.jsonl"]),
+    (["data.splitter=iid", "data.num_clients=500"], ["client"]),
+    (["data.label_field=colour"], ["data.label_field", "colour"]),
+    (["data.num_clients=5"], ["5 clients", "data.num_clients"]),  # meta: 3 categories cannot make 5 clients
+    (["eval.tasks=[nosuch]"], ["nosuch"]),
+    (["peft.target_modules=[nosuch]"], ["nosuch", "q_proj"]),
+    (["train.device=foo"], ["train.device", "foo"]),
+    pytest.param(["train.device=cuda"], ["train.device=cuda", "CUDA"],
+                 marks=pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has CUDA")),
+])
+def test_bad_input_is_one_message_and_leaves_no_run_directory(cfg_file, tmp_path, monkeypatch, capsys,
+                                                              overrides, needles):
+    """In process (fast): each mistake is one `error:` message, exit 2, and no directory is made,
+    neither the default runs/<name>-<time> nor an output.dir."""
+    from fedtune.cli import main
+
+    monkeypatch.chdir(tmp_path)
+    for extra in ([], [f"output.dir={tmp_path / 'out' / 'run'}"]):
+        assert main(["run", str(cfg_file), "-q", *overrides, *extra]) == 2
+        err = capsys.readouterr().err
+        assert err.startswith("error:") and "Traceback" not in err
+        assert all(n in err for n in needles), err
+        assert not (tmp_path / "runs").exists() and not (tmp_path / "out").exists()
+
+
+def test_failed_setup_removes_only_what_it_made(cfg_file, tmp_path, monkeypatch):
+    """A failure after the run directory is made but before round 1 takes back a fresh run's
+    directory, puts back a run that output.overwrite was replacing, and never touches a resumed run."""
+    import fedtune.run as run_mod
+
+    quick = ["fl.rounds=1", "eval.every=0", "train.local_steps=1"]
+    done = run(load_config(cfg_file, [f"output.dir={tmp_path / 'a'}", *quick]), verbose=False).run_dir
+    before = _adapter(done)
+    (done / "marker").write_text("the old run")
+
+    def broken_logger(*a, **k):
+        raise RuntimeError("setup failed")
+
+    monkeypatch.setattr(run_mod, "MetricsLogger", broken_logger)
+    for cfg, resume in [(load_config(cfg_file, [f"output.dir={tmp_path / 'new' / 'b'}", *quick]), None),
+                        (load_config(cfg_file, [f"output.dir={done}", "output.overwrite=true", *quick]), None),
+                        (load_config(cfg_file, [f"output.dir={done}", "fl.rounds=2", "eval.every=0",
+                                                "train.local_steps=1"]), done)]:
+        with pytest.raises(RuntimeError, match="setup failed"):
+            run(cfg, resume=resume, verbose=False)
+    assert not (tmp_path / "new").exists()
+    assert (done / "marker").is_file() and (done / "checkpoints" / "round_00001").is_dir()
+    assert not list(tmp_path.glob(".a.*"))  # the replaced run was put back, not left aside
+    after = _adapter(done)
+    assert all(torch.equal(before[k], after[k]) for k in before)
+    monkeypatch.undo()
+    # without output.overwrite an existing run is refused; with it, replaced
+    from fedtune.errors import FedtuneError
+
+    with pytest.raises(FedtuneError, match="output.overwrite=true"):
+        run(load_config(cfg_file, [f"output.dir={done}", *quick]), verbose=False)
+    again = run(load_config(cfg_file, [f"output.dir={done}", "output.overwrite=true", *quick]), verbose=False)
+    assert again.run_dir == done and not (done / "marker").exists() and (done / "adapter").is_dir()
+    assert not list(tmp_path.glob(".a.*"))
 
 
 def test_cli_resume_with_other_config_is_refused(cfg_file, tmp_path):

@@ -57,3 +57,14 @@ def test_set_adapter_state_rejects_mismatch():
     bad[k] = torch.zeros(1)
     with pytest.raises(FedtuneError, match="shape"):
         set_adapter_state(pm, bad)
+
+
+@pytest.mark.parametrize("arch,linear", [("tiny-llama", "q_proj"), ("tiny-gpt2", "c_attn")])
+def test_lora_targets_that_match_nothing_are_clear(arch, linear):
+    """peft's NoMatchingPeftModuleError/ValueError becomes one message listing the real layers."""
+    model, _ = load_model(ModelConfig(name=arch))
+    for bad in (["nosuch"], ["act_fn", "act"]):  # a missing name; a module LoRA cannot adapt
+        with pytest.raises(FedtuneError) as e:
+            attach_adapter(model, PeftConfig(target_modules=bad))
+        msg = str(e.value)
+        assert f"peft.target_modules = {bad}" in msg and linear in msg and "lm_head" in msg

@@ -59,9 +59,13 @@ def test_batch_stream_resumes_exactly():
     first = [next(a) for _ in range(5)]
     st = a.state()
     rest = [next(a) for _ in range(6)]
+    assert st == {"epoch": 1, "pos": 1}  # 4 batches per epoch (the last one short), then 1 more
+    assert sorted(i for batch in first[:4] for i in batch) == list(range(10))
     b = BatchStream(lengths, 3, seed=1, **st)
     assert [next(b) for _ in range(6)] == rest
-    assert first[0] != rest[0] or True
+    # a resumed stream goes on where it was; starting over would repeat the first batches
+    fresh = BatchStream(lengths, 3, seed=1)
+    assert [next(fresh) for _ in range(6)] != rest
 
 
 def test_lr_schedule_continues_across_rounds():
@@ -216,9 +220,58 @@ def test_fp16_autocast_with_grad_scaler(peft_model, device):
     set_adapter_state(pm, init)
 
 
+@pytest.mark.parametrize("device", [
+    "cpu", pytest.param("cuda", marks=[pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(),
+                                                                          reason="needs a CUDA device")])])
+def test_fp16_nan_guard_skips_with_grad_scaler(peft_model, device):
+    """fp16 + GradScaler: a NaN loss at the first step and at a later one, and overflowing gradients,
+    are skipped and counted; only the overflow backs the loss scale off (torch.amp's rule)."""
+    pm, _ = peft_model
+    init = get_adapter_state(pm)
+    dev = torch.device(device)
+    pm.to(dev)
+    params = [p for _, p in trainable_parameters(pm)]
+    data = DS(6)
+    cfg = TrainConfig(lr=1e-3, batch_size=2, precision="fp16")
+    opt = make_optimizer(params, cfg)
+    scaler = torch.amp.GradScaler(dev.type)
+    script = iter(["nan", "ok", "nan", "overflow", "ok"])
+
+    def extra(model):
+        kind = next(script)
+        if kind == "nan":
+            return torch.tensor(float("nan"), device=dev)
+        if kind == "overflow":  # a finite loss whose gradient, times the 2^16 loss scale, exceeds fp32
+            return 1e36 * sum(p.sum() for p in params)
+        return torch.zeros((), device=dev)
+
+    seen = []
+
+    def on_step(stats):
+        seen.append((stats.skipped_nonfinite, scaler.get_scale(), get_adapter_state(pm)))
+
+    stats = train_local(pm, data, BatchStream(data.lengths, 2, seed=0), opt, cfg, steps=5, start_step=0,
+                        total_steps=5, pad_id=0, device=dev, extra_loss=extra, scaler=scaler, on_step=on_step)
+    pm.to("cpu")
+    set_adapter_state(pm, init)
+    assert stats.steps == 5 and stats.skipped_nonfinite == 3
+    assert [s for s, _, _ in seen] == [1, 1, 2, 3, 3]
+    assert [sc for _, sc, _ in seen] == [65536.0, 65536.0, 65536.0, 32768.0, 32768.0]
+
+    def same(a, b):
+        return all(torch.equal(a[k], b[k]) for k in a)
+
+    states = [init] + [w for _, _, w in seen]
+    assert [same(states[i], states[i + 1]) for i in range(5)] == [True, False, True, True, False]
+    assert math.isfinite(stats.loss)
+
+
 @pytest.mark.parametrize("arch", ["tiny-llama", "tiny-gpt2", "tiny-opt", "tiny-qwen2"])
 def test_label_only_logits_give_hf_loss_and_gradients(arch):
     """The LM head on labelled positions only must give HF's own full-logits loss and gradients."""
+    import transformers
+    from packaging.version import Version
+
     from fedtune.models import load_model
     from fedtune.training import label_logits_supported, lm_loss
 
@@ -228,7 +281,11 @@ def test_label_only_logits_give_hf_loss_and_gradients(arch):
     with torch.no_grad():
         for _, p in trainable_parameters(pm):
             p.normal_(0, 0.02)
-    assert label_logits_supported(pm)
+    # transformers takes a boolean logits_to_keep from 5.21 on; before, the full-logits path is used
+    new_enough = Version(transformers.__version__) >= Version("5.21")
+    assert label_logits_supported(pm) == new_enough
+    if not new_enough:
+        pytest.skip(f"transformers {transformers.__version__} has no boolean logits_to_keep")
     data = DS(n=5, seed=3)  # ragged lengths: right padding inside the batch
     batch = collate(data.input_ids, data.labels, 0)
     params = [p for _, p in trainable_parameters(pm)]
@@ -244,9 +301,74 @@ def test_label_only_logits_give_hf_loss_and_gradients(arch):
         assert torch.allclose(a, b, rtol=1e-4, atol=1e-7)
 
 
+def test_models_without_a_logits_mask_fall_back_to_full_logits(monkeypatch):
+    """transformers < 5.21 takes ``logits_to_keep`` (an int or positions) but indexes a boolean mask
+    wrongly: the capability is probed, not read off the parameter name, and training still runs."""
+    import transformers.models.llama.modeling_llama as llama
+
+    from fedtune.models import load_model
+    from fedtune.training import label_logits_supported, lm_loss
+
+    def old_slice(hidden_states, logits_to_keep):  # transformers 5.20's code, inlined in each model
+        keep = slice(-logits_to_keep, None) if isinstance(logits_to_keep, int) else logits_to_keep
+        return hidden_states[:, keep, :]
+
+    monkeypatch.setattr(llama, "slice_logits_to_keep", old_slice, raising=False)  # < 5.21: already so
+    model, _ = load_model(ModelConfig(name="tiny-llama"))
+    pm = attach_adapter(model, PeftConfig(r=4, dropout=0.0))
+    assert not label_logits_supported(pm)
+    data = DS(n=4, seed=5)
+    batch = collate(data.input_ids, data.labels, 0)
+    assert torch.equal(lm_loss(pm, batch, label_logits_supported(pm)), pm(**batch).loss)
+    cfg = TrainConfig(lr=1e-3, batch_size=2)
+    opt = make_optimizer([p for _, p in trainable_parameters(pm)], cfg)
+    stats = train_local(pm, data, BatchStream(data.lengths, 2, seed=0), opt, cfg, steps=2, start_step=0,
+                        total_steps=2, pad_id=0, device=torch.device("cpu"))
+    assert stats.skipped_nonfinite == 0 and math.isfinite(stats.loss)
+
+
 def test_prompt_learning_adapters_keep_the_full_logits_path():
     from fedtune.models import load_model
     from fedtune.training import label_logits_supported
 
     model, _ = load_model(ModelConfig(name="tiny-llama"))
     assert not label_logits_supported(attach_adapter(model, PeftConfig(method="prompt_tuning", num_virtual_tokens=4)))
+
+
+def test_client_keeps_its_fp16_loss_scale_and_lr_curve_across_rounds(peft_model, tmp_path, monkeypatch):
+    """Per client, the GradScaler's state lives in the client's state (so in checkpoints) and the next
+    round starts from it; the LR schedule is indexed by the round, whatever rounds the client missed."""
+    import fedtune.client as client_mod
+    from fedtune.algorithms import get_algorithm
+    from fedtune.client import ClientRuntime, FedClient
+    from fedtune.config import config_from_dict
+    from fedtune.messages import Message
+
+    pm, _ = peft_model
+    init = get_adapter_state(pm)
+    cfg = config_from_dict({"train": {"precision": "fp16", "local_steps": 2, "batch_size": 2, "lr": 1e-3,
+                                      "scheduler": "linear"}, "fl": {"rounds": 4}})
+    rt = ClientRuntime(model=pm, pad_id=0, cfg=cfg, device=torch.device("cpu"), algorithm=get_algorithm("fedavg"),
+                       store=ClientStateStore(tmp_path / "store"))
+    client = FedClient("c0", rt, train=DS(6))
+    seen = []
+    real = client_mod.train_local
+
+    def spy(*args, scaler, start_step, **kw):
+        entry = dict(scaler.state_dict())
+        stats = real(*args, scaler=scaler, start_step=start_step, **kw)
+        seen.append((entry, dict(scaler.state_dict()), start_step, stats.lr))
+        return stats
+
+    monkeypatch.setattr(client_mod, "train_local", spy)
+    for rnd in (1, 3):  # the client is not sampled in round 2
+        client.fit(Message(tensors=init, config={"round": rnd}))
+    set_adapter_state(pm, init)
+    (entry1, exit1, start1, lr1), (entry2, exit2, start2, lr2) = seen
+    fresh = torch.amp.GradScaler("cpu").state_dict()
+    assert entry1 == fresh and exit1 != fresh  # two steps moved the growth tracker (or the scale)
+    assert entry2 == exit1  # round 3 goes on with round 1's scale, not a fresh 2^16
+    assert rt.store.get("c0").meta["scaler"] == exit2  # stored, hence checkpointed and resumed
+    # linear schedule over 4 rounds x 2 steps: round 3's steps are global steps 4 and 5
+    assert (start1, start2) == (0, 4)
+    assert lr2 == pytest.approx(1e-3 * (1 - 5 / 8)) and lr1 == pytest.approx(1e-3 * (1 - 1 / 8))

@@ -68,18 +68,44 @@ def attach_adapter(
     """Wrap ``model`` with a fresh adapter; the base weights stay frozen, the adapter is fp32."""
     import peft
 
-    pcfg = build_peft_config(cfg, model, tokenizer)
-    if cfg.method == "prompt_tuning" and cfg.prompt_init_text:
+    if cfg.method == "lora":
+        # LoRA's targets are module names of this model: peft rejects names that match nothing (or
+        # a module it cannot adapt) with a ValueError, which here is the user's config, not a bug
+        try:
+            pm = peft.get_peft_model(model, build_peft_config(cfg, model, tokenizer))
+        except ValueError as e:
+            raise _target_error(model, cfg, e) from None
+    elif cfg.method == "prompt_tuning" and cfg.prompt_init_text:
         # peft re-loads the tokenizer by name for text init; a locally built tokenizer has no
         # loadable name, so we initialise from the token embeddings ourselves (same math).
+        pcfg = build_peft_config(cfg, model, tokenizer)
         pcfg.prompt_tuning_init = peft.PromptTuningInit.RANDOM
         pm = peft.get_peft_model(model, pcfg)
         _init_prompt_from_text(pm, tokenizer, cfg.prompt_init_text, cfg.num_virtual_tokens)
     else:
-        pm = peft.get_peft_model(model, pcfg)
+        pm = peft.get_peft_model(model, build_peft_config(cfg, model, tokenizer))
     for _, p in trainable_parameters(pm):
         p.data = p.data.float()  # fp32 adapter weights even on a half-precision base
     return pm
+
+
+def linear_module_names(model: torch.nn.Module) -> list[str]:
+    """Names (last component) of the model's linear layers: what ``peft.target_modules`` can name.
+
+    GPT-2 style models use transformers' ``Conv1D`` for their linear layers; LoRA adapts both."""
+    from transformers.pytorch_utils import Conv1D
+
+    return sorted({n.rsplit(".", 1)[-1] for n, m in model.named_modules() if isinstance(m, (torch.nn.Linear, Conv1D))})
+
+
+def _target_error(model: torch.nn.Module, cfg: PeftConfig, err: Exception) -> FedtuneError:
+    given = cfg.target_modules or list(arch_info(model.config.model_type).lora_targets)
+    which = "peft.target_modules" if cfg.target_modules else f"the default LoRA targets of {model.config.model_type}"
+    hint = " (or null for this architecture's default)" if cfg.target_modules else ""
+    return FedtuneError(
+        f"LoRA cannot be attached with {which} = {given}: {err}\nthis model's linear layers are: "
+        f"{', '.join(linear_module_names(model))}; set peft.target_modules to some of them{hint}"
+    )
 
 
 def _init_prompt_from_text(pm: PeftModel, tok, text: str, n: int) -> None:
@@ -122,11 +148,12 @@ def set_adapter_state(model: torch.nn.Module, state: TensorDict) -> None:
             p.copy_(t)
 
 
-def save_adapter(model: PeftModel, state: TensorDict, out_dir: Path, extra: dict | None = None) -> None:
+def save_adapter(model: PeftModel, state: TensorDict, out_dir: Path, extra: dict | None = None,
+                 files: dict[str, str] | None = None) -> None:
     """Save ``state`` in PEFT format (``PeftModel.from_pretrained`` loads it) plus fedtune metadata.
 
     Writes into a temp directory that is renamed into place, so a crash never leaves a
-    half-written adapter.
+    half-written adapter; ``files`` (name -> text, e.g. the prompt template) go in with it.
     """
     import os
     import shutil
@@ -143,6 +170,8 @@ def save_adapter(model: PeftModel, state: TensorDict, out_dir: Path, extra: dict
                 "base_model": getattr(model.get_base_model().config, "fedtune_name", None)}
         meta.update(extra or {})
         (tmp / "fedtune_adapter.json").write_text(json.dumps(meta, indent=2, sort_keys=True))
+        for name, text in (files or {}).items():
+            (tmp / name).write_text(text)
         old = None
         if out_dir.exists():
             old = out_dir.with_name(f".{out_dir.name}.old")

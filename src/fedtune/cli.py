@@ -29,6 +29,7 @@ def _parser() -> argparse.ArgumentParser:
     r.add_argument("overrides", nargs="*", help="dotted overrides, e.g. train.lr=3e-4 fl.rounds=5")
     r.add_argument("--resume", metavar="RUN_DIR", help="continue the run in RUN_DIR from its last checkpoint")
     r.add_argument("-q", "--quiet", action="store_true", help="no per-round tables")
+    r.set_defaults(intermixed=r)
     d = sub.add_parser("data", help="inspect federated datasets")
     dsub = d.add_subparsers(dest="data_command", required=True)
     desc = dsub.add_parser("describe", help="clients × sizes, label histograms, token lengths, heatmap")
@@ -36,6 +37,7 @@ def _parser() -> argparse.ArgumentParser:
     desc.add_argument("overrides", nargs="*", help="dotted overrides, e.g. data.num_clients=4")
     desc.add_argument("--out", default=None, help="directory for the heatmap PNG and JSON (default: runs/describe-<target>)")
     desc.add_argument("--no-tokens", action="store_true", help="skip token-length statistics (no tokenizer load)")
+    desc.set_defaults(intermixed=desc)
     _eval_parser(sub)
     _deploy_parser(sub)
     return p
@@ -65,6 +67,7 @@ def _eval_parser(sub) -> None:
     e.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     e.add_argument("--device", default="auto")
     e.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
+    e.set_defaults(intermixed=e)
 
 
 def _eval(args) -> None:
@@ -106,6 +109,7 @@ def _deploy_parser(sub) -> None:
     sb.add_argument("overrides", nargs="*", help="dotted overrides, e.g. fl.rounds=5 deploy.min_clients=2")
     sb.add_argument("--resume", metavar="RUN_DIR", help="continue the run in RUN_DIR (on the SuperLink machine)")
     sb.add_argument("--stream", action="store_true", help="follow the run's log")
+    sb.set_defaults(intermixed=sb)
     w = ds.add_parser("worker", help="fedtune's warm worker on a Unix socket (`supernode` starts it)")
     w.add_argument("--socket", required=True)
     w.add_argument("--ready-file", default=None)
@@ -200,9 +204,17 @@ def _describe(args) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     parser = _parser()
+    argv = sys.argv[1:] if argv is None else list(argv)
     args, extra = parser.parse_known_args(argv)
-    if extra and args.command == "eval" and all("=" in x and not x.startswith("-") for x in extra):
-        args.options += extra  # task options after flags: `fedtune eval RUN --limit 5 humaneval.n=10`
+    sub = getattr(args, "intermixed", None)
+    if sub is not None:
+        # Overrides and task options may come before, between or after flags (`run cfg.yaml --resume
+        # DIR fl.rounds=5`, `run cfg.yaml -q train.lr=1e-3`): argparse's nargs='*' positional stops
+        # at the first flag, so these subcommands are parsed again, intermixed. Subparsers cannot
+        # be parsed intermixed themselves; the top level and `data`/`deploy` take no options, so
+        # the subcommand's own arguments start right after its 1 or 2 command words.
+        words = 2 if args.command in ("data", "deploy") else 1
+        vars(args).update(vars(sub.parse_intermixed_args(argv[words:])))
     elif extra:
         parser.error("unrecognized arguments: " + " ".join(extra))
     logging.basicConfig(level=os.environ.get("FEDTUNE_LOG", "WARNING"), format="%(levelname)s %(name)s: %(message)s")

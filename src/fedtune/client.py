@@ -96,11 +96,19 @@ class FedClient:
         stream = BatchStream(data.lengths, cfg.train.batch_size, derive_seed(cfg.seed, "data", self.cid),
                              cfg.train.group_by_length, **state.meta.get("stream", {}))
         steps = steps_per_round(cfg, len(data))
-        start = int(state.meta.get("step", 0))
+        # The LR schedule runs on the federation's progress, not on this client's own step count:
+        # local step s of round r is step (r-1)*steps + s of rounds*steps, so every client follows
+        # the same curve whether or not it was sampled in earlier rounds (with client sampling a
+        # count of its own steps would never reach the end of a linear/cosine schedule).
+        start = (max(rnd, 1) - 1) * steps
         extra = rt.algorithm.extra_loss(msg.tensors, state)
         scaler = None
         if cfg.train.precision == "fp16":
+            # The loss scale is learned per client and kept in its state (so in checkpoints): a
+            # fresh GradScaler every round would restart at 2^16 and skip steps finding it again.
             scaler = torch.amp.GradScaler(rt.device.type)
+            if state.meta.get("scaler"):
+                scaler.load_state_dict(state.meta["scaler"])
         # Dropout and any other torch randomness: a seed of (run, round, client), so a resumed
         # run and an uninterrupted one draw the same numbers whatever the client order.
         torch.manual_seed(derive_seed(cfg.seed, "train", rnd, self.cid))
@@ -112,8 +120,9 @@ class FedClient:
         local = get_adapter_state(rt.model)
         rt.algorithm.after_local_train(msg.tensors, local, state)
         update, codec_metrics = self._encode_update(local, msg.tensors, state)
-        state.meta["step"] = start + stats.steps
         state.meta["stream"] = stream.state()
+        if scaler is not None:
+            state.meta["scaler"] = scaler.state_dict()
         if cfg.train.keep_optimizer_state:
             tensors, meta = optimizer_to_state(optimizer)
             state.set_group("opt", tensors)

@@ -100,7 +100,8 @@ class TrainConfig(_Section):
     lr: float = Field(default=3e-4, gt=0)
     weight_decay: float = Field(default=0.0, ge=0)
     momentum: float = Field(default=0.0, ge=0, lt=1)
-    #: the schedule counts a client's steps across rounds; it is never restarted per round.
+    #: runs over the whole run (rounds x local steps), never restarted per round: local step s of
+    #: round r is step (r-1)*steps + s for every client, sampled in earlier rounds or not.
     scheduler: Literal["constant", "linear", "cosine"] = "constant"
     warmup_steps: int = Field(default=0, ge=0)
     #: optimizer steps per round; ignored when ``local_epochs`` is set.
@@ -115,15 +116,31 @@ class TrainConfig(_Section):
     keep_optimizer_state: bool = True
     #: batch examples of similar length so little compute goes to padding.
     group_by_length: bool = True
-    #: where per-client state (optimizer moments, schedule position) lives between rounds:
+    #: where per-client state (optimizer moments, data position, fp16 loss scale) lives between rounds:
     #: ``disk`` keeps memory flat however many clients there are; ``memory`` is a bit faster.
     client_state: Literal["disk", "memory"] = "disk"
+    #: ``auto`` (CUDA when present, else CPU), ``cpu``, ``cuda``, ``cuda:N``, ``mps``; checked
+    #: against this machine before a run writes anything.
     device: str = "auto"
     #: clustered mode: processes sharing each client's local training (torch DDP; each takes a
     #: disjoint slice of every step's examples). 1: a single process. See docs/codecs.md#clustered.
     world_size: int = Field(default=1, ge=1, le=64)
     #: ``auto``: NCCL on CUDA devices, gloo on CPU.
     dist_backend: Literal["auto", "gloo", "nccl"] = "auto"
+
+    @field_validator("device")
+    @classmethod
+    def _device(cls, v: str) -> str:
+        # the name only; whether this machine has the device is checked when the run starts
+        # (fedtune.utils.resolve_device): a config may be written on one machine for another
+        if v != "auto":
+            import torch
+
+            try:
+                torch.device(v)
+            except (RuntimeError, ValueError):
+                raise ValueError(f"'{v}' is not a device name; use auto, cpu, cuda, cuda:N or mps") from None
+        return v
 
 
 #: Message codec names by role; :mod:`fedtune.codecs` implements each (a contract test keeps the
@@ -243,6 +260,9 @@ class CheckpointConfig(_Section):
 class OutputConfig(_Section):
     #: run directory; ``null`` makes ``runs/<name>-<timestamp>``.
     dir: str | None = None
+    #: when ``dir`` already holds a run: replace it (it is renamed aside and deleted once the new
+    #: run is set up, put back if that fails) instead of refusing. ``--resume`` ignores this.
+    overwrite: bool = False
     name: str = "run"
     tensorboard: bool = True
     progress: bool = True

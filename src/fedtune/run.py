@@ -8,9 +8,12 @@ from __future__ import annotations
 
 import json
 import logging
+import os
+import shutil
 import sys
 import time
-from dataclasses import dataclass
+from contextlib import contextmanager
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -19,7 +22,7 @@ import yaml
 
 from fedtune.adapters import attach_adapter, get_adapter_state, save_adapter
 from fedtune.algorithms import get_algorithm
-from fedtune.checkpoint import latest_checkpoint, load_checkpoint
+from fedtune.checkpoint import latest_checkpoint, load_checkpoint, restore_rng_state
 from fedtune.client import ClientRuntime, FedClient
 from fedtune.config import Config, config_from_dict, save_config
 from fedtune.errors import FedtuneError
@@ -58,7 +61,69 @@ def _diff(a: dict, b: dict, prefix: str = "") -> list[str]:
     return out
 
 
-def _prepare_run_dir(cfg: Config, resume: Path | None) -> Path:
+@dataclass
+class RunDir:
+    """The run directory of one invocation: checked first, created only once the input is known to
+    be good, and taken back if setting up the run fails before its first round.
+
+    A fresh run that fails while being set up leaves nothing behind (not even ``runs/``, when it
+    made it); a resumed run is never deleted. ``output.overwrite`` replaces an earlier run in
+    ``output.dir``: it is renamed aside (atomic) and deleted once the new run is set up, or put back
+    if that fails.
+    """
+
+    path: Path
+    resume: bool
+    replace: bool = False
+    _created: Path | None = field(default=None, init=False)  # the topmost directory this invocation made
+    _aside: Path | None = field(default=None, init=False)  # the run being replaced, until the new one is set up
+
+    def create(self, cfg: Config) -> None:
+        """Make the directory (fresh run) and save the resolved config in it."""
+        if not self.resume:
+            if self.replace:
+                self._aside = self.path.with_name(f".{self.path.name}.replaced-{os.getpid()}")
+                shutil.rmtree(self._aside, ignore_errors=True)
+                os.replace(self.path, self._aside)
+            top = self.path.absolute()
+            while not top.parent.exists():
+                top = top.parent
+            self._created = top if not top.exists() else None
+            self.path.mkdir(parents=True, exist_ok=True)
+            # an earlier attempt that died before its first checkpoint may have left client state
+            # here; it is not resumable, and a fresh run must not pick it up
+            for old in (self.path / "state" / "clients").glob("*.safetensors"):
+                old.unlink()
+        save_config(cfg, self.path / "config.yaml")
+
+    def commit(self) -> None:
+        """The run is set up: drop the replaced run, nothing is taken back any more."""
+        if self._aside is not None:
+            shutil.rmtree(self._aside, ignore_errors=True)
+        self._aside = self._created = None
+
+    def rollback(self) -> None:
+        """Setup failed: remove what this invocation created, put a replaced run back."""
+        if self._created is not None:  # (a replaced run's directory is always new: it was moved aside)
+            shutil.rmtree(self._created, ignore_errors=True)
+        if self._aside is not None:
+            os.replace(self._aside, self.path)
+        self._aside = self._created = None
+
+    @contextmanager
+    def setting_up(self, cfg: Config):
+        """``create`` now; ``rollback`` if the block raises, else ``commit``."""
+        try:
+            self.create(cfg)
+            yield self.path
+        except BaseException:
+            self.rollback()
+            raise
+        self.commit()
+
+
+def plan_run_dir(cfg: Config, resume: Path | None) -> RunDir:
+    """Check where the run goes without writing anything (a resume: that it is the same run)."""
     if resume is not None:
         run_dir = Path(resume)
         saved = run_dir / "config.yaml"
@@ -74,18 +139,22 @@ def _prepare_run_dir(cfg: Config, resume: Path | None) -> Path:
             )
         if latest_checkpoint(run_dir) is None:
             raise FedtuneError(f"--resume {run_dir}: no checkpoint there yet; start the run again instead")
-        return run_dir
-    if cfg.output.dir:
-        run_dir = Path(cfg.output.dir)
-        if (run_dir / "checkpoints").exists():
-            raise FedtuneError(
-                f"run directory {run_dir} already holds a run; use --resume {run_dir} to continue it, "
-                "or choose another output.dir"
-            )
-    else:
-        run_dir = Path("runs") / f"{cfg.output.name}-{time.strftime('%Y%m%d-%H%M%S')}"
-    run_dir.mkdir(parents=True, exist_ok=True)
-    return run_dir
+        return RunDir(run_dir, resume=True)
+    if not cfg.output.dir:
+        return RunDir(Path("runs") / f"{cfg.output.name}-{time.strftime('%Y%m%d-%H%M%S')}", resume=False)
+    run_dir = Path(cfg.output.dir)
+    holds_run = (run_dir / "checkpoints").exists()
+    if cfg.output.overwrite and (holds_run or (run_dir / "config.yaml").is_file()):
+        if not (run_dir / "config.yaml").is_file():
+            raise FedtuneError(f"output.overwrite: {run_dir} has checkpoints but no config.yaml; it is not "
+                               "a fedtune run directory, so it is left alone; choose another output.dir")
+        return RunDir(run_dir, resume=False, replace=True)
+    if holds_run:
+        raise FedtuneError(
+            f"run directory {run_dir} already holds a run; use --resume {run_dir} to continue it, "
+            "output.overwrite=true to replace it, or choose another output.dir"
+        )
+    return RunDir(run_dir, resume=False)
 
 
 def _tokenize_clients(fed, tokenizer, cfg: Config, names: list[str]) -> dict[str, dict[str, Any]]:
@@ -160,11 +229,11 @@ def adapter_saver(cfg: Config, am: AdapterModel, run_dir: Path):
         roots = [run_dir / "checkpoints" / f"round_{rnd:05d}"] + ([run_dir] if final else [])
         extra = {"round": rnd, "template": template.to_dict(), "scenario": cfg.fl.scenario,
                  "config_fingerprint": cfg.fingerprint()}
+        files = {"fedtune_template.json": json.dumps(template.to_dict(), indent=2)}  # inside the atomic rename
         for root in roots:
             for key, sd in current.items():
                 dest = root / "adapter" if key == GLOBAL else root / "adapters" / safe_name(key)
-                save_adapter(am.model, sd, dest, extra)
-                (dest / "fedtune_template.json").write_text(json.dumps(template.to_dict(), indent=2))
+                save_adapter(am.model, sd, dest, extra, files=files)
 
     return save_adapters
 
@@ -178,33 +247,44 @@ def resume_state(run_dir: Path, store: ClientStateStore, echo
     """Load the last checkpoint: (round it holds, models, first round to run, its metadata)."""
     ckpt = latest_checkpoint(run_dir)
     resume_round, models, meta = load_checkpoint(ckpt, store)
+    restore_rng_state(ckpt)  # last: nothing draws between here and the next round
     echo(f"resuming from {ckpt} (round {resume_round})")
     return resume_round, models, resume_round + 1, meta
 
 
 def start_run(cfg: Config, resume: Path | str | None) -> Path:
     """Create (or check, when resuming) the run directory and save the resolved config there."""
-    run_dir = _prepare_run_dir(cfg, Path(resume) if resume else None)
-    save_config(cfg, run_dir / "config.yaml")
+    rd = plan_run_dir(cfg, Path(resume) if resume else None)
+    rd.create(cfg)
+    rd.commit()
     seed_everything(cfg.seed)
-    return run_dir
+    return rd.path
 
 
 def run(cfg: Config, resume: Path | str | None = None, *, verbose: bool = True) -> RunResult:
     """Run (or resume) the federated fine-tuning described by ``cfg``."""
     t_start = time.perf_counter()
-    run_dir = start_run(cfg, resume)
     echo = (lambda s: print(s, flush=True)) if verbose else (lambda s: None)
+    # Whatever can reject the input comes before anything is written: the device, the run
+    # directory (checked only), then the model, the data and the eval tasks (in _build).
+    device = rank_device(resolve_device(cfg.train.device, "train.device"), 0)
+    rd = plan_run_dir(cfg, Path(resume) if resume else None)
+    seed_everything(cfg.seed)
 
     cluster, followers, threads = None, [], torch.get_num_threads()
     if cfg.train.world_size > 1:  # clustered mode: start the followers first, they load in parallel
         addr, followers = start_followers(cfg, follower_main, (cfg.to_dict(),))
     try:
-        b = _build(cfg, rank_device(resolve_device(cfg.train.device), 0),
-                   ClientStateStore(run_dir / "state" / "clients" if cfg.train.client_state == "disk" else None))
+        # the disk store creates its directory on first use, so nothing is written yet
+        b = _build(cfg, device, ClientStateStore(rd.path / "state" / "clients" if cfg.train.client_state == "disk"
+                                                 else None))
+        task_eval = _task_evaluator(cfg, b, echo)
         if followers:
             cluster = join_cluster(b.rt, 0, cfg, addr)
-        return _run_server(cfg, b, run_dir, resume, echo, verbose, t_start)
+        with rd.setting_up(cfg):
+            server, logger, start = _setup_server(cfg, b, rd.path, resume, echo, verbose, task_eval)
+        server.run(start_round=start)
+        return finish_run(cfg, logger, rd.path, len(b.train_clients), t_start, echo)
     finally:
         stop_cluster(cluster, followers, threads)
 
@@ -298,9 +378,21 @@ def follower_main(rank: int, world: int, addr: str, cfg_dict: dict, build=None, 
     follow(join_cluster(rt, rank, cfg, addr), clients, rt.store)
 
 
-def _run_server(cfg: Config, b: _Built, run_dir: Path, resume, echo, verbose: bool, t_start: float) -> RunResult:
+def _task_evaluator(cfg: Config, b: _Built, echo):
+    """Benchmark tasks in the loop (``eval.tasks``, :mod:`fedtune.eval`) on the shared model; built
+    (and the task names and options checked) before the run directory is made."""
+    if not cfg.eval.tasks:
+        return None
     from fedtune.data import get_template
+    from fedtune.eval.inloop import InLoopEvaluator
 
+    return InLoopEvaluator(cfg, b.am.model, b.am.tokenizer, b.am.device, get_template(cfg.data.template), echo=echo)
+
+
+def _setup_server(cfg: Config, b: _Built, run_dir: Path, resume, echo, verbose: bool, task_eval
+                  ) -> tuple[Server, MetricsLogger, int]:
+    """The server over the in-process clients, resumed from the last checkpoint when asked:
+    (server, its metrics logger, first round to run)."""
     clients, names, train_clients, store = b.clients, b.names, b.train_clients, b.rt.store
     echo(f"fedtune: {cfg.model.name} + {cfg.peft.method}, {len(names)} clients "
          f"({cfg.fl.scenario}, {cfg.fl.algorithm}), {cfg.fl.rounds} rounds"
@@ -313,19 +405,11 @@ def _run_server(cfg: Config, b: _Built, run_dir: Path, resume, echo, verbose: bo
     if resume:
         resume_round, models, start, _ = resume_state(run_dir, store, echo)
     logger = MetricsLogger(run_dir, tensorboard=cfg.output.tensorboard, resume_round=resume_round)
-
-    task_eval = None
-    if cfg.eval.tasks:  # benchmark tasks in the loop, on the shared model (fedtune.eval)
-        from fedtune.eval.inloop import InLoopEvaluator
-
-        task_eval = InLoopEvaluator(cfg, b.am.model, b.am.tokenizer, b.am.device, get_template(cfg.data.template),
-                                    echo=echo)
     server = Server(cfg=cfg, algorithm=b.algorithm, transport=InProcessTransport(clients),
                     train_clients=train_clients, eval_clients=names, num_train=num_train, models=models,
                     store=store, logger=logger, run_dir=run_dir, save_adapters=adapter_saver(cfg, b.am, run_dir),
                     hooks=console_hooks(cfg, echo, verbose), task_eval=task_eval)
-    server.run(start_round=start)
-    return finish_run(cfg, logger, run_dir, len(train_clients), t_start, echo)
+    return server, logger, start
 
 
 def finish_run(cfg: Config, logger: MetricsLogger, run_dir: Path, num_train_clients: int, t_start: float,

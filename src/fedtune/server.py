@@ -209,11 +209,12 @@ class Server:
             n = sum(r.message.metrics.get(f"{split}_tokens", 0) for r in replies if r.message)
             if n:
                 out[f"{split}_loss"] = s / n
-                out[f"{split}_ppl"] = math.exp(min(s / n, 50))
+                out[f"{split}_ppl"] = _ppl(s / n)
             for r in replies:
                 m = r.message.metrics if r.message else {}
                 if m.get(f"{split}_tokens"):
-                    per_client.setdefault(r.cid, {})[f"{split}_loss"] = m[f"{split}_loss_sum"] / m[f"{split}_tokens"]
+                    loss = m[f"{split}_loss_sum"] / m[f"{split}_tokens"]
+                    per_client.setdefault(r.cid, {}).update({f"{split}_loss": loss, f"{split}_ppl": _ppl(loss)})
         if client_rows is not None:
             for cid, vals in per_client.items():
                 client_rows.setdefault(cid, {"round": rnd, "kind": "client", "client": cid}).update(vals)
@@ -236,10 +237,11 @@ class Server:
     def checkpoint(self, rnd: int, final: bool = False) -> None:
         # the clients are part of the run: a resumed deployment must wait for these, not for
         # whichever SuperNodes happen to be connected when it restarts
+        # the adapters go into the checkpoint before ``latest`` names it (see save_checkpoint)
+        sent = {k: self.as_sent(v) for k, v in self.models.items()}
         save_checkpoint(self.run_dir, rnd, self.models, self.store,
                         {"fingerprint": self.cfg.fingerprint(), "clients": list(self.train_clients)},
-                        keep=self.cfg.checkpoint.keep)
-        self.save_adapters(rnd, {k: self.as_sent(v) for k, v in self.models.items()}, final)
+                        keep=self.cfg.checkpoint.keep, then=lambda: self.save_adapters(rnd, sent, final))
 
     def run(self, start_round: int = 1) -> list[dict[str, Any]]:
         rows = []
@@ -257,6 +259,11 @@ class Server:
             rows.append(self.run_round(rnd))
         self.logger.close()
         return rows
+
+
+def _ppl(loss: float) -> float:
+    """Perplexity of a mean token loss (capped at e^50: an untrained model must not overflow)."""
+    return math.exp(min(loss, 50))
 
 
 def _pool(updates: list[ClientUpdate], key: str, weight_key: str) -> float | None:

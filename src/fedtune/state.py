@@ -67,10 +67,9 @@ class ClientStateStore:
     """Client states in memory (``root=None``) or as files under ``root`` (written atomically)."""
 
     def __init__(self, root: Path | None = None):
+        # the directory is made on first write, so building a run writes nothing before it starts
         self.root = Path(root) if root is not None else None
         self._mem: dict[str, bytes] = {}
-        if self.root is not None:
-            self.root.mkdir(parents=True, exist_ok=True)
 
     def _path(self, cid: str) -> Path:
         assert self.root is not None
@@ -113,6 +112,7 @@ class ClientStateStore:
         if self.root is None:
             self._mem = {p.stem: p.read_bytes() for p in src.glob("*.safetensors")}
             return
+        self.root.mkdir(parents=True, exist_ok=True)
         for p in self.root.glob("*.safetensors"):
             p.unlink()
         for p in src.glob("*.safetensors"):

@@ -10,6 +10,7 @@ callable ``extra_loss(model) -> tensor`` from the algorithm's own file.
 from __future__ import annotations
 
 import inspect
+import logging
 import math
 import time
 from collections.abc import Callable, Sequence
@@ -26,6 +27,8 @@ from fedtune.utils import derive_seed
 
 if TYPE_CHECKING:
     from fedtune.distributed import DataParallel
+
+log = logging.getLogger(__name__)
 
 IGNORE = -100
 
@@ -100,7 +103,9 @@ def collate(input_ids: Sequence[Sequence[int]], labels: Sequence[Sequence[int]],
 
 
 def lr_factor(step: int, cfg: TrainConfig, total_steps: int) -> float:
-    """Multiplier of ``cfg.lr`` at a client's ``step`` (counted across rounds, never restarted)."""
+    """Multiplier of ``cfg.lr`` at ``step`` of ``total_steps``: the federation's progress (local step
+    s of round r is ``(r-1)*steps + s``), so it is never restarted per round and every client,
+    sampled or not in earlier rounds, follows the same curve."""
     if cfg.warmup_steps and step < cfg.warmup_steps:
         return (step + 1) / cfg.warmup_steps
     if cfg.scheduler == "constant":
@@ -149,14 +154,52 @@ def _n_label_tokens(labels: torch.Tensor) -> int:
 def label_logits_supported(model: torch.nn.Module) -> bool:
     """Whether :func:`lm_loss` may run the LM head on labelled positions only for ``model``.
 
-    Needs a forward that takes HF's ``logits_to_keep`` (every causal LM in transformers 5 does);
-    prompt-learning adapters (prefix/P-/prompt tuning) are excluded because peft prepends virtual
+    Needs a forward whose ``logits_to_keep`` takes a 2-D boolean mask: transformers' models do
+    from 5.21.0 on (``slice_logits_to_keep``); earlier ones take only an int or 1-D positions and
+    fail on a mask (transformers >= 4.56 is allowed). The parameter's name alone says nothing
+    about that, and remote-code models have their own forward, so :func:`_keeps_masked_logits`
+    tries it once per model; without it the loss uses the full logits (same loss, more compute).
+    Prompt-learning adapters (prefix/P-/prompt tuning) are excluded because peft prepends virtual
     tokens, which shifts every position."""
     cfgs = getattr(model, "peft_config", None) or {}
     if any(getattr(c, "is_prompt_learning", False) for c in cfgs.values()):
         return False
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
-    return "logits_to_keep" in inspect.signature(base.forward).parameters
+    if "logits_to_keep" not in inspect.signature(base.forward).parameters:
+        return False
+    ok = getattr(base, "_fedtune_masked_logits", None)
+    if ok is None:
+        ok = _keeps_masked_logits(model)
+        base._fedtune_masked_logits = ok  # a property of the model's code: probe once
+        if not ok:
+            log.info("%s does not take a boolean logits_to_keep mask (transformers < 5.21?): the loss "
+                     "uses the full logits", type(base).__name__)
+    return ok
+
+
+@torch.no_grad()
+def _keeps_masked_logits(model: torch.nn.Module) -> bool:
+    """Run two 3-token sequences with and without a boolean ``logits_to_keep`` mask: the masked
+    call must return exactly the kept positions' logits, flattened to ``(num_kept, vocab)``."""
+    dev = next(model.parameters()).device
+    ids = torch.tensor([[1, 2, 3], [4, 5, 6]], device=dev)
+    keep = torch.tensor([[False, True, True], [True, False, False]], device=dev)
+    modes = [(m, m.training) for m in model.modules()]  # restored module by module: they may differ
+    model.eval()  # no dropout: both calls must compute the same thing
+    try:
+        full = model(input_ids=ids).logits
+        part = model(input_ids=ids, logits_to_keep=keep).logits
+    except (IndexError, RuntimeError, TypeError, ValueError):  # how older indexing fails on a mask
+        return False
+    finally:
+        for m, training in modes:
+            m.training = training
+    want = full[keep].float()
+    if part.shape != want.shape:
+        return False
+    # the same rows through the LM head, in another batch shape: equal up to rounding of its dtype
+    eps = max(torch.finfo(full.dtype).eps, 1e-5)
+    return bool((part.float() - want).abs().max() <= 16 * eps * (1 + want.abs().max()))
 
 
 def lm_loss(forward: Callable, batch: dict[str, torch.Tensor], label_logits_only: bool) -> torch.Tensor:
@@ -231,6 +274,7 @@ def train_local(
         optimizer.zero_grad(set_to_none=True)
         step_loss, step_tokens, step_examples = 0.0, 0, 0
         finite = total > 0
+        unscaled = False  # whether the scaler recorded this step's inf checks (it may update)
         for j, (batch, n) in enumerate(zip(batches, counts)):
             if n == 0 and parallel is None:
                 continue
@@ -264,6 +308,7 @@ def train_local(
         if finite:
             if scaler is not None:
                 scaler.unscale_(optimizer)
+                unscaled = True
             if cfg.max_grad_norm is not None:
                 norm = torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
             else:
@@ -281,7 +326,11 @@ def train_local(
             # NaN/Inf guard: drop this step's gradients, leave weights untouched, count it.
             optimizer.zero_grad(set_to_none=True)
             stats.skipped_nonfinite += 1
-            if scaler is not None:
+            # fp16: overflowing *gradients* (found by unscale_) back the loss scale off, as in
+            # torch.amp. A non-finite *loss* stops the step before the scaler sees it: the forward
+            # overflowed, which the scale cannot help, and ``update()`` without recorded inf checks
+            # is an error (GradScaler asserts), so the scale is left as it is.
+            if unscaled:
                 scaler.update()
         stats.steps += 1
         stats.lr = lr

@@ -80,7 +80,30 @@ def safe_name(name: str) -> str:
     return f"{cleaned or '_'}-{hashlib.sha1(name.encode()).hexdigest()[:6]}"
 
 
-def resolve_device(name: str) -> torch.device:
+def resolve_device(name: str, setting: str = "device") -> torch.device:
+    """``auto`` (CUDA when present, else CPU) or a device this machine has; anything else is a
+    :class:`~fedtune.errors.FedtuneError` here, before a run writes anything, rather than a
+    RuntimeError/AssertionError from deep inside torch at the first ``.to(device)``. ``setting``
+    names where the value came from in the messages (``train.device``, ``--device``)."""
+    from fedtune.errors import FedtuneError
+
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
+    try:
+        dev = torch.device(name)
+    except (RuntimeError, ValueError):
+        raise FedtuneError(f"{setting}={name} is not a device name; use auto, cpu, cuda, cuda:N or mps") from None
+    if dev.type == "cpu":
+        return dev
+    if dev.type == "cuda":
+        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if count == 0:
+            raise FedtuneError(f"{setting}={name}: this machine has no usable CUDA device (torch "
+                               f"{torch.__version__}); use cpu or auto")
+        if dev.index is not None and dev.index >= count:
+            raise FedtuneError(f"{setting}={name}: this machine has {count} CUDA device(s), cuda:0 to cuda:{count - 1}")
+        return dev
+    backend = getattr(torch.backends, dev.type, None) if dev.type == "mps" else getattr(torch, dev.type, None)
+    if backend is None or not getattr(backend, "is_available", lambda: False)():
+        raise FedtuneError(f"{setting}={name}: no such device is available on this machine; use cpu or auto")
+    return dev

@@ -186,3 +186,12 @@ def test_file_path_source_and_unknown_name(tmp_path):
         load_source("dolyl", DataConfig())
     with pytest.raises(FedtuneError, match="not found"):
         load_source("missing.jsonl", DataConfig())
+    # every place looked in is named once: an absolute path is only itself
+    absent = str(tmp_path / "absent.jsonl")
+    with pytest.raises(FedtuneError) as e:
+        load_source(absent, DataConfig(data_dir=str(d)))
+    assert str(e.value).count(absent) == 1
+    with pytest.raises(FedtuneError) as e:
+        load_source("absent.jsonl", DataConfig(data_dir=str(d)))
+    msg = str(e.value)
+    assert msg.count(str(d / "absent.jsonl")) == 1 and str(Path.cwd() / "absent.jsonl") in msg

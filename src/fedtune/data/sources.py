@@ -618,14 +618,16 @@ register_source(
 # --------------------------------------------------------------------------------------------
 
 
-def _resolve_path(name: str, data_cfg: DataConfig | None) -> Path | None:
+def _candidates(name: str, data_cfg: DataConfig | None) -> list[Path]:
+    """Where a file source is looked for, in order, without repeats (an absolute path: itself)."""
     p = Path(name).expanduser()
     if p.is_absolute():
-        return p if p.is_file() else None
-    for cand in [Path.cwd() / p] + [root / p for root, _ in data_roots(data_cfg)]:
-        if cand.is_file():
-            return cand
-    return None
+        return [p]
+    return list(dict.fromkeys([Path.cwd() / p] + [root / p for root, _ in data_roots(data_cfg)]))
+
+
+def _resolve_path(name: str, data_cfg: DataConfig | None) -> Path | None:
+    return next((c for c in _candidates(name, data_cfg) if c.is_file()), None)
 
 
 def load_source(name_or_path: str, data_cfg: DataConfig | None = None) -> list[Record]:
@@ -644,11 +646,11 @@ def load_source(name_or_path: str, data_cfg: DataConfig | None = None) -> list[R
     path = _resolve_path(name_or_path, data_cfg)
     if path is None:
         if file_format(Path(name_or_path)) is not None or "/" in name_or_path or os.sep in name_or_path:
-            where = [str(Path.cwd() / name_or_path)] + [
-                str(r / name_or_path) for r, _ in data_roots(data_cfg)
-            ]
+            if Path(name_or_path).expanduser().is_absolute():
+                raise FedtuneError(f"data file '{name_or_path}' not found; check the path (data.source)")
+            where = ", ".join(str(c) for c in _candidates(name_or_path, data_cfg))
             raise FedtuneError(
-                f"data file '{name_or_path}' not found; looked in: {', '.join(where)}. "
+                f"data file '{name_or_path}' not found; looked in: {where}. "
                 "Give an absolute path or set data.data_dir / $FEDTUNE_DATA_DIR"
             )
         err = unknown_name("data source", name_or_path, SOURCES)
