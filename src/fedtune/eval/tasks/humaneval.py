@@ -42,10 +42,13 @@ def program(problem: dict[str, Any], completion: str, templated: bool = False) -
     body = problem["prompt"] + completion
     if templated:
         code = extract_code(completion)
-        # a templated answer usually restates the whole function; then it replaces the prompt
+        # A templated answer usually restates the whole function. The prompt stays in front of it
+        # anyway: it is valid Python on its own (the docstring is the target function's body) and
+        # holds the imports and any helper functions the problem gives (is_palindrome in
+        # HumanEval/10, encode_cyclic in 38, encode_shift in 50); the answer's definitions come
+        # after it and override the prompt's.
         if re.search(rf"^\s*def\s+{re.escape(problem['entry_point'])}\s*\(", code, flags=re.M):
-            head = "\n".join(ln for ln in problem["prompt"].splitlines() if ln.startswith(("import ", "from ")))
-            body = f"{head}\n{code}"
+            body = f"{problem['prompt']}\n{code}"
         else:
             body = problem["prompt"] + code
     return f"{body}\n\n{problem['test']}\n\ncheck({problem['entry_point']})\n"
