@@ -72,3 +72,48 @@ def test_bad_generation_options_fail_before_the_model_loads(opts, says, capsys, 
     assert main(["eval", "tiny-llama", "--tasks", task, "--limit", "1", *opts]) == 2
     err = capsys.readouterr().err
     assert says in err and "Traceback" not in err, err
+
+
+def test_a_new_task_file_is_found_without_a_hand_list(tmp_path, monkeypatch, data_dir, capsys):
+    """Adding a task is one file: a module dropped into the tasks package registers itself."""
+    import sys
+
+    import fedtune.eval.tasks as tasks
+
+    (tmp_path / "toy_echo.py").write_text('''
+from dataclasses import dataclass
+
+from fedtune.eval.engine import GenRequest
+from fedtune.eval.tasks.base import Task, register_task
+
+
+@dataclass
+class ToyEcho(Task):
+    name = "toy-echo"
+    kind = "generate"
+    metric = "nonempty"
+
+    def examples(self, ctx):
+        return [{"id": i, "text": t} for i, t in enumerate(["one two", "three four", "five six"])]
+
+    def requests(self, ex, ctx):
+        return [GenRequest(ex["text"], 3)]
+
+    def score(self, ex, output, ctx):
+        return {"id": ex["id"], "nonempty": float(bool(output[0].text))}
+
+
+register_task(ToyEcho)
+''')
+    monkeypatch.setattr(tasks, "__path__", [*tasks.__path__, str(tmp_path)])
+    monkeypatch.delitem(tasks.TASKS, "toy-echo", raising=False)
+    try:
+        tasks.load_task_modules()
+        assert "toy-echo" in tasks.TASKS
+        assert main(["eval", "tiny-llama", "--tasks", "toy-echo", "--limit", "2", "--out", str(tmp_path / "out"),
+                     "-q"]) == 0, capsys.readouterr().err
+        res = json.loads((tmp_path / "out" / "results.json").read_text())["targets"][0]["results"]["toy-echo"]
+        assert res["num_examples"] == 2
+    finally:
+        tasks.TASKS.pop("toy-echo", None)
+        sys.modules.pop("fedtune.eval.tasks.toy_echo", None)
