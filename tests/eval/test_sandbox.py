@@ -35,7 +35,8 @@ def test_templated_answers_restating_the_function_keep_the_prompts_helpers(probl
     for p in picked:
         start = p["prompt"].index(f"def {p['entry_point']}(")
         function = p["prompt"][start:] + p["canonical_solution"]  # signature + docstring + body, no helpers
-        answers.append(program(p, f"Here is the completed function:\n```python\n{function}```\nIt works.", templated=True))
+        answer = f"Here is the completed function:\n```python\n{function}```\nIt works."
+        answers.append(program(p, answer, templated=True))
     assert [r.reason for r in run_programs(answers, timeout=10)] == ["passed"] * len(picked)
     # the answer's definition is the one tested, not the prompt's docstring-only stub
     wrong = program(picked[0], "```python\ndef has_close_elements(numbers, threshold):\n    return False\n```",
