@@ -18,8 +18,10 @@ ratio is total generated tokens / total seconds of ours ÷ the same of the basel
 the per-chunk ratios is reported too, and the fraction of completions that are identical between
 the arms (greedy decoding of the same model should agree, up to float noise from padding).
 
-Usage: ``python benchmarks/eval_throughput.py [--quick]``. Progress goes to stderr; the last line
-of stdout is one JSON object with the headline ``ratio``.
+Usage: ``python benchmarks/eval_throughput.py [--quick] [--device cuda|cpu] [--dtype bfloat16]
+[--model tiny-llama]``. The device defaults to CUDA when there is one, else the CPU; the JSON
+records the device's real name (the GPU model, or the CPU model). Progress goes to stderr; the
+last line of stdout is one JSON object with the headline ``ratio``.
 """
 
 from __future__ import annotations
@@ -35,6 +37,21 @@ from _common import make_log  # benchmarks/_common.py
 log = make_log("eval_throughput")
 
 
+def device_name(dev) -> str:
+    """What the numbers were measured on: the GPU's name, or the CPU's model name."""
+    import torch
+
+    if dev.type == "cuda":
+        return torch.cuda.get_device_name(dev)
+    try:
+        for line in open("/proc/cpuinfo", encoding="utf-8"):
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--quick", action="store_true", help="CI-sized: 8 prompts, 48 new tokens")
@@ -42,7 +59,10 @@ def main() -> None:
     ap.add_argument("--max-new-tokens", type=int, default=None, help="default 128, quick 48")
     ap.add_argument("--batch-size", type=int, default=None, help="engine batch = chunk size (default 16, quick 8)")
     ap.add_argument("--model", default="smollm2-135m-instruct")
-    ap.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
+    ap.add_argument("--device", default="auto", help="cuda, cpu, cuda:1, ... (default: cuda if available, else cpu)")
+    ap.add_argument("--dtype", default="float32", choices=("float32", "bfloat16", "float16"),
+                    help="weights' dtype (default float32)")
+    ap.add_argument("--threads", type=int, default=None, help="torch threads on the CPU (default: torch's choice)")
     args = ap.parse_args()
     n_prompts = args.prompts or (8 if args.quick else 32)
     max_new = args.max_new_tokens or (48 if args.quick else 128)
@@ -57,26 +77,36 @@ def main() -> None:
     from fedtune.eval.engine import Engine, GenRequest, cut_at_stop
     from fedtune.eval.tasks.humaneval import STOP
     from fedtune.models import load_model
+    from fedtune.utils import resolve_device
 
-    log(f"loading {args.model}")
-    model, tok = load_model(ModelConfig(name=args.model))
+    dev = resolve_device(args.device)
+    log(f"loading {args.model} ({args.dtype}) on {device_name(dev)}")
+    model, tok = load_model(ModelConfig(name=args.model, dtype=args.dtype))
+    model.to(dev)
     problems = load_eval_source("humaneval", None)[:n_prompts]
     reqs = [GenRequest(p["prompt"], max_new, STOP) for p in problems]
-    engine = Engine(model, tok, batch_size=bs, max_batch_tokens=1 << 30, progress=False)
+    engine = Engine(model, tok, device=dev, batch_size=bs, max_batch_tokens=1 << 30, progress=False)
+
+    def sync() -> None:  # GPU work is asynchronous: wait for it before reading the clock
+        if dev.type == "cuda":
+            torch.cuda.synchronize(dev)
 
     def ours(chunk: list[GenRequest]) -> tuple[int, float, list[str]]:
+        sync()
         t0 = time.perf_counter()
         gens = engine.generate(chunk)
+        sync()
         return sum(g.num_tokens for g in gens), time.perf_counter() - t0, [g.text for g in gens]
 
     eos = tok.eos_token_id
 
     @torch.no_grad()
     def one_at_a_time(chunk: list[GenRequest]) -> tuple[int, float, list[str]]:
+        sync()
         t0 = time.perf_counter()
         n, texts = 0, []
         for r in chunk:
-            ids = tok(r.prompt, return_tensors="pt")
+            ids = tok(r.prompt, return_tensors="pt").to(dev)
             out = model.generate(**ids, max_new_tokens=r.max_new_tokens, do_sample=False, stop_strings=list(STOP),
                                  tokenizer=tok, pad_token_id=tok.pad_token_id)
             new = out[0, ids["input_ids"].shape[1]:].tolist()
@@ -84,6 +114,7 @@ def main() -> None:
                 new = new[: new.index(eos) + 1]
             n += len(new)
             texts.append(cut_at_stop(tok.decode([t for t in new if t != eos], skip_special_tokens=True), STOP)[0])
+        sync()
         return n, time.perf_counter() - t0, texts
 
     # warm-up (first calls allocate and compile kernels), not timed
@@ -120,7 +151,8 @@ def main() -> None:
         "generated_tokens": {k: v[0] for k, v in totals.items()},
         "identical_completions": f"{same}/{len(reqs)}",
         "prompts": len(reqs), "max_new_tokens": max_new, "batch_size": bs, "model": args.model,
-        "device": "cpu", "threads": torch.get_num_threads(), "machine": platform.machine(), "quick": args.quick,
+        "device": device_name(dev), "device_type": dev.type, "dtype": args.dtype,
+        "threads": torch.get_num_threads(), "machine": platform.machine(), "quick": args.quick,
     }
     print(json.dumps(result))
 

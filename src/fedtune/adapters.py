@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING
 import torch
 
 from fedtune.errors import FedtuneError
-from fedtune.models import arch_info, model_fingerprint
+from fedtune.models import arch_info, model_fingerprint, weight_probe
 
 if TYPE_CHECKING:
     from peft import PeftConfig as HFPeftConfig
@@ -166,8 +166,11 @@ def save_adapter(model: PeftModel, state: TensorDict, out_dir: Path, extra: dict
     try:
         set_adapter_state(model, state)
         model.save_pretrained(str(tmp))
-        meta = {"base_model_fingerprint": model_fingerprint(model.get_base_model()),
-                "base_model": getattr(model.get_base_model().config, "fedtune_name", None)}
+        base = model.get_base_model()
+        # fingerprint: the architecture; probe: the weights themselves (checked by fedtune eval,
+        # so an adapter is never silently evaluated on a same-shaped but different model)
+        meta = {"base_model_fingerprint": model_fingerprint(base), "base_model_probe": weight_probe(base),
+                "base_model": getattr(base.config, "fedtune_name", None)}
         meta.update(extra or {})
         (tmp / "fedtune_adapter.json").write_text(json.dumps(meta, indent=2, sort_keys=True))
         for name, text in (files or {}).items():

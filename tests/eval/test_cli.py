@@ -3,28 +3,12 @@
 import json
 
 import pytest
-import torch
 
 from fedtune.cli import main
 
 
-def _save_tiny_adapter(name, out, seed=0):
-    from fedtune.adapters import attach_adapter, get_adapter_state, save_adapter
-    from fedtune.config import ModelConfig, PeftConfig
-    from fedtune.data import get_template
-    from fedtune.models import load_model
-
-    model, tok = load_model(ModelConfig(name=name))
-    torch.manual_seed(seed)
-    pm = attach_adapter(model, PeftConfig(method="lora", r=4))
-    state = {k: torch.randn_like(v) * 0.5 for k, v in get_adapter_state(pm).items()}  # a visible change
-    save_adapter(pm, state, out)
-    (out / "fedtune_template.json").write_text(json.dumps(get_template("alpaca").to_dict()))
-    return pm, state, tok
-
-
-def test_adapter_from_another_base_model_is_refused(tmp_path, capsys):
-    _save_tiny_adapter("tiny-llama", tmp_path / "adapter")
+def test_adapter_from_another_base_model_is_refused(tmp_path, capsys, save_tiny_adapter):
+    save_tiny_adapter("tiny-llama", tmp_path / "adapter")
     rc = main(["eval", str(tmp_path / "adapter"), "--base", "tiny-qwen2", "--tasks", "gsm8k", "--limit", "1"])
     err = capsys.readouterr().err
     assert rc == 2 and "trained on base model 'tiny-llama'" in err and "--base tiny-llama" in err
@@ -49,12 +33,12 @@ def test_bad_task_and_option_names(capsys):
     assert "--suite" in capsys.readouterr().err
 
 
-def test_adapter_merged_model_and_run_dir_agree(tmp_path, data_dir):
+def test_adapter_merged_model_and_run_dir_agree(tmp_path, data_dir, save_tiny_adapter):
     """An adapter, the same adapter merged into a saved model, and a run directory holding it give
     the same MMLU log-probabilities."""
     from peft import PeftModel
 
-    pm, state, tok = _save_tiny_adapter("tiny-llama", tmp_path / "run" / "adapter", seed=1)
+    pm, state, tok = save_tiny_adapter("tiny-llama", tmp_path / "run" / "adapter", seed=1)
     (tmp_path / "run" / "config.yaml").write_text("model:\n  name: tiny-llama\ndata:\n  preset: fed-dolly\n")
     from fedtune.config import ModelConfig
     from fedtune.models import load_model

@@ -2,6 +2,9 @@
 cache compaction), stop strings end each row, seeded sampling does not depend on the batch, and
 log-likelihoods equal a direct forward pass."""
 
+import copy
+import functools
+
 import torch
 
 from fedtune.eval.engine import Engine, GenRequest, cut_at_stop
@@ -110,17 +113,123 @@ def test_multiple_choice_picks_the_hand_computed_choice(tiny, data_dir):
         assert rec["accuracy"] == float(expected == ex["answer"])
 
 
-def test_prompt_learning_adapters_generate_like_peft_one_at_a_time():
-    """Prefix / P-tuning / prompt tuning prepend virtual tokens inside peft: batched generation
-    through them equals peft's own generate on one prompt at a time."""
+ARCHS = ("tiny-llama", "tiny-qwen2", "tiny-gpt2", "tiny-opt")
+PROMPT_LEARNING = ("prompt_tuning", "prefix", "p_tuning")
+# token lengths 7, 1, 7, 1: equal lengths share a batch, different ones do not (OPT crashed when
+# the 7s and 1s were left-padded into one batch)
+PL_PROMPTS = ["def add(a, b):", "x", "def sub(a, b):", "y"]
+
+
+_BASES: dict = {}
+
+
+def _adapted(arch, method, seed=0):
+    """A tiny model (float64: greedy choices never hinge on rounding) with a fresh adapter whose
+    weights are visibly non-zero (a fresh LoRA adapter is the identity). Each architecture is
+    built once; every adapter gets its own copy (LoRA changes the model it wraps)."""
     from fedtune.adapters import attach_adapter
     from fedtune.config import ModelConfig, PeftConfig
     from fedtune.models import load_model
 
-    for method in ("prompt_tuning", "prefix", "p_tuning"):
-        model, tok = load_model(ModelConfig(name="tiny-llama"))
-        torch.manual_seed(0)
-        pm = attach_adapter(model.double(), PeftConfig(method=method, num_virtual_tokens=4)).double().eval()
-        got = Engine(pm, tok, batch_size=4, progress=False).generate([GenRequest(p, 6) for p in PROMPTS[:3]])
-        for p, g in zip(PROMPTS[:3], got):
-            assert g.text == _hf_greedy(pm, tok, p, 6), method
+    if arch not in _BASES:
+        model, tok = load_model(ModelConfig(name=arch))
+        _BASES[arch] = (model.double(), tok)
+    model, tok = _BASES[arch]
+    model = copy.deepcopy(model)
+    if method is None:
+        return model, tok
+    torch.manual_seed(seed)
+    pm = attach_adapter(model, PeftConfig(method=method, r=4, num_virtual_tokens=4)).double().eval()
+    if method == "lora":
+        with torch.no_grad():
+            for n, p in pm.named_parameters():
+                if "lora_B" in n:
+                    p.normal_(0, 0.5)
+    return pm, tok
+
+
+def test_prompt_learning_adapters_generate_like_peft_one_at_a_time():
+    """Prefix / P-tuning / prompt tuning prepend virtual tokens inside peft and ignore position ids:
+    batched generation through them equals peft's own generate on one prompt at a time, on every
+    tiny architecture (OPT crashed on left-padded batches of prompts of different lengths)."""
+    for arch in ARCHS:
+        for method in PROMPT_LEARNING:
+            pm, tok = _adapted(arch, method)
+            engine = Engine(pm, tok, batch_size=4, progress=False)
+            got = engine.generate([GenRequest(p, 4) for p in PL_PROMPTS])
+            for p, g in zip(PL_PROMPTS, got):
+                assert g.text == _hf_greedy(pm, tok, p, 4), (arch, method, p)
+
+
+def test_prompt_learning_sampling_honours_each_requests_seed_and_settings():
+    """Sampled generation through peft: each request reproduces peft's own sampling under its own
+    seed, temperature and top-p, whatever the batch or order, and the global RNG is left alone."""
+    pm, tok = _adapted("tiny-llama", "prompt_tuning")
+    prompts = PL_PROMPTS + ["def add(a, b):"]
+    reqs = [GenRequest(p, 6, temperature=t, top_p=tp, seed=s)
+            for p, t, tp, s in zip(prompts, (1.0, 0.7, 1.5, 1.0, 0.0), (1.0, 0.9, 0.8, 0.5, 1.0), (3, 4, 5, 3, 0))]
+    torch.manual_seed(123)
+    before = torch.get_rng_state()
+    a = Engine(pm, tok, batch_size=4, progress=False).generate(reqs)
+    assert torch.equal(torch.get_rng_state(), before)
+    b = Engine(pm, tok, batch_size=1, progress=False).generate(list(reversed(reqs)))[::-1]
+    assert [g.text for g in a] == [g.text for g in b]
+    for r, g in zip(reqs, a):
+        ids = tok(r.prompt, return_tensors="pt")
+        kw = dict(do_sample=True, temperature=r.temperature, top_p=r.top_p, top_k=0) if r.temperature > 0 else {}
+        torch.manual_seed(r.seed)
+        out = pm.generate(**ids, max_new_tokens=6, pad_token_id=tok.pad_token_id, **kw)
+        new = out[0, ids["input_ids"].shape[1]:].tolist()
+        if tok.eos_token_id in new:
+            new = new[: new.index(tok.eos_token_id)]
+        assert g.text == tok.decode(new, skip_special_tokens=True), r
+
+
+def _direct_logprob_any(model, tok, context, continuation):
+    """One unpadded sequence through the model; the last len(ids) outputs belong to the input
+    tokens (prompt / P-tuning put their virtual tokens' outputs in front)."""
+    ids = tok(context)["input_ids"] + tok(continuation, add_special_tokens=False)["input_ids"]
+    n_ctx = len(tok(context)["input_ids"])
+    with torch.no_grad():
+        logits = model(input_ids=torch.tensor([ids])).logits[0, -len(ids):].double()
+    logp = torch.log_softmax(logits, -1)
+    return sum(float(logp[t - 1, ids[t]]) for t in range(n_ctx, len(ids)))
+
+
+def test_loglikelihood_does_not_depend_on_batch_size_for_any_adapter():
+    """Every architecture, plain and with every PEFT method: batched log-likelihoods equal a
+    direct unpadded forward pass of each pair (so they cannot depend on the batch)."""
+    pairs = [("Question: what is two plus two?\nAnswer:", " A"),
+             ("Question: what is two plus two?\nAnswer:", " B"),
+             ("x", " y z"),
+             ("The quick brown fox jumps over the lazy dog and then", " it slept for a while")]
+    for arch in ARCHS:
+        for method in (None, "lora") + PROMPT_LEARNING:
+            model, tok = _adapted(arch, method)
+            one = Engine(model, tok, batch_size=1, progress=False).loglikelihood(pairs)
+            many = Engine(model, tok, batch_size=4, progress=False).loglikelihood(pairs)
+            for (c, x), g1, g6 in zip(pairs, one, many):
+                want = _direct_logprob_any(model, tok, c, x)
+                assert abs(g1 - want) < 1e-6 and abs(g6 - want) < 1e-6, (arch, method, c, x, g1, g6, want)
+
+
+def test_loglikelihood_projects_only_the_scored_positions(tiny, monkeypatch):
+    """The vocabulary projection sees only the positions that predict continuation tokens (or the
+    last context position), never the whole padded batch."""
+    model, tok = tiny
+    shapes = []
+    real = type(model).forward
+
+    @functools.wraps(real)  # keeps the signature: the engine looks for logits_to_keep in it
+    def spy(self, *a, **kw):
+        out = real(self, *a, **kw)
+        shapes.append(tuple(out.logits.shape))
+        return out
+
+    monkeypatch.setattr(type(model), "forward", spy)
+    pairs = [("The following are multiple choice questions about biology and chemistry.\nAnswer:", f" {x}")
+             for x in "ABCD"] + [("x", " y z w")]
+    Engine(model, tok, batch_size=8, progress=False).loglikelihood(pairs)
+    assert len(shapes) == 1
+    rows, width, vocab = shapes[0]
+    assert (rows, width, vocab) == (2, 3, len(tok))  # two rows (MMLU shortcut + one pair), 3 = len(" y z w")

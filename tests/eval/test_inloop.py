@@ -48,3 +48,29 @@ def test_unknown_task_in_config_fails_before_training(tmp_path, data_dir):
 
     with pytest.raises(FedtuneError, match="did you mean 'gsm8k'"):
         run(_cfg(tmp_path, data_dir, ["eval.tasks=[gsm8kk]", f"output.dir={tmp_path / 'c'}"]), verbose=False)
+
+
+@pytest.mark.parametrize("scenario", ["global", "local"])
+def test_generation_task_in_the_loop(tmp_path, data_dir, scenario):
+    """A generation task (GSM8K, through the batched generation loop) in the loop: logged at round
+    0, every task_every rounds and the last round; in the local scenario each client's adapter is
+    evaluated in its own row and the round row holds their mean."""
+    opts = ["eval.tasks=[gsm8k]", "eval.task_limit=2", "eval.task_every=2",
+            "eval.task_options={gsm8k: {max_new_tokens: 8, shots: 2}}", f"fl.scenario={scenario}",
+            f"output.dir={tmp_path / scenario}"]
+    res = run(_cfg(tmp_path, data_dir, opts), verbose=False)
+    rounds = {r["round"]: r for r in res.rows if r["kind"] == "round"}
+    logged = sorted(n for n, r in rounds.items() if "gsm8k_accuracy" in r)
+    assert logged == [0, 2, 3]
+    assert all(0.0 <= rounds[n]["gsm8k_accuracy"] <= 1.0 and rounds[n]["task_eval_seconds"] > 0 for n in logged)
+    clients = [r for r in res.rows if r["kind"] == "client" and "gsm8k_accuracy" in r]
+    if scenario == "local":
+        by_round: dict[int, list[float]] = {}
+        for r in clients:
+            by_round.setdefault(r["round"], []).append(r["gsm8k_accuracy"])
+        assert sorted(by_round) == [0, 2, 3] and all(len(v) == 2 for v in by_round.values())
+        assert all(rounds[n]["gsm8k_accuracy"] == pytest.approx(sum(v) / 2) for n, v in by_round.items())
+    else:
+        assert clients == []  # one global adapter: the round row only
+    logged_file = [json.loads(x) for x in (res.run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert sorted(r["round"] for r in logged_file if r.get("kind") == "round" and "gsm8k_accuracy" in r) == [0, 2, 3]

@@ -27,6 +27,23 @@ def test_canonical_solutions_pass(problems):
     assert [r.reason for r in results] == ["passed"] * len(picked)
 
 
+def test_templated_answers_restating_the_function_keep_the_prompts_helpers(problems):
+    """A chat-style answer restates only the target function; problems whose prompt also defines
+    helpers it calls (is_palindrome, encode_cyclic, encode_shift) must still pass."""
+    picked = [problems[i] for i in (0, 10, 38, 50)]
+    answers = []
+    for p in picked:
+        start = p["prompt"].index(f"def {p['entry_point']}(")
+        function = p["prompt"][start:] + p["canonical_solution"]  # signature + docstring + body, no helpers
+        answer = f"Here is the completed function:\n```python\n{function}```\nIt works."
+        answers.append(program(p, answer, templated=True))
+    assert [r.reason for r in run_programs(answers, timeout=10)] == ["passed"] * len(picked)
+    # the answer's definition is the one tested, not the prompt's docstring-only stub
+    wrong = program(picked[0], "```python\ndef has_close_elements(numbers, threshold):\n    return False\n```",
+                    templated=True)
+    assert run_program(wrong, timeout=10).reason.startswith("AssertionError")
+
+
 def test_empty_and_wrong_completions_fail(problems):
     p = problems[0]  # has_close_elements
     empty = run_program(program(p, ""), timeout=10)

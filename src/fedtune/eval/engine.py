@@ -10,14 +10,25 @@ Every task goes through these two functions, so every task gets the same speed:
   or on which other prompts share the batch.
 * :meth:`Engine.loglikelihood` — ``log p(continuation | context)`` for many pairs, batched, with a
   shortcut for single-token continuations that share a context (MMLU's ``A``–``D``: one forward
-  pass per question instead of four).
+  pass per question instead of four). Rows are *right*-padded: causal attention means the trailing
+  pads never influence the positions before them, so every row sees exactly the positions it would
+  see alone, with no position ids at all (which matters for prompt-learning adapters: peft drops
+  position ids for them). Only the positions that predict a continuation token are projected onto
+  the vocabulary (``logits_to_keep``), not every position of the batch.
 
 Why not ``model.generate``: transformers' generate keeps finished rows in the batch until every
 row is done (it pads them), which on evaluation sets with very uneven completion lengths (HumanEval,
 GSM8K) wastes most of the compute; it also has no notion of per-request seeds. This loop is small
-and hand-written for those two reasons. Prompt-learning adapters (prefix / P-tuning / prompt
-tuning) prepend virtual tokens inside peft's own ``generate``, so for them generation is delegated
-to ``PeftModel.generate`` (still batched with left padding, with the same stop handling).
+and hand-written for those two reasons.
+
+Prompt-learning adapters (prefix / P-tuning / prompt tuning) prepend virtual tokens inside peft's
+own ``generate`` (prefix tuning rewrites the KV cache on every forward call, so the loop above
+cannot drive it), so for them generation is delegated to ``PeftModel.generate``. peft ignores
+position ids for these methods, so a left-padded row would see its positions shifted by its
+padding (and OPT crashes on it): such batches hold only prompts of exactly the same token length,
+which need no padding at all. Sampled requests through them run one at a time, each under its own
+seed, temperature and top-p, inside :func:`torch.random.fork_rng` so the global random state is
+left as it was.
 """
 
 from __future__ import annotations
@@ -86,6 +97,37 @@ def _is_prompt_learning(model: torch.nn.Module) -> bool:
     return bool(cfg is not None and getattr(cfg, "is_prompt_learning", False))
 
 
+def _virtual_positions(model: torch.nn.Module) -> int:
+    """How many positions a prompt-learning adapter inserts in front of the input: prompt tuning
+    and P-tuning prepend their virtual tokens to the input embeddings (so the model's outputs are
+    that much longer); prefix tuning puts them into the KV cache instead (outputs as long as the
+    input)."""
+    if not _is_prompt_learning(model):
+        return 0
+    cfg = model.active_peft_config  # type: ignore[union-attr]
+    if str(getattr(cfg.peft_type, "value", cfg.peft_type)) in ("PREFIX_TUNING", "CARTRIDGE"):
+        return 0
+    return int(cfg.num_virtual_tokens)
+
+
+def _accepts_logits_to_keep(model: torch.nn.Module) -> bool:
+    import inspect
+
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    try:
+        return "logits_to_keep" in inspect.signature(base.forward).parameters
+    except (TypeError, ValueError):
+        return False
+
+
+def _rng_devices() -> list[int]:
+    """CUDA devices whose random state :func:`torch.random.fork_rng` must save and restore
+    (``torch.manual_seed`` reseeds every initialised one)."""
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        return list(range(torch.cuda.device_count()))
+    return []
+
+
 class Engine:
     """Batched evaluation over one causal LM (a plain model, a merged model or a PeftModel)."""
 
@@ -117,6 +159,7 @@ class Engine:
         elif isinstance(gen_eos, (list, tuple)):
             self.eos_ids.update(int(e) for e in gen_eos)
         self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else next(iter(self.eos_ids), 0)
+        self._accepts_keep = _accepts_logits_to_keep(model)
 
     # ---- helpers --------------------------------------------------------------------------
     def encode(self, text: str) -> list[int]:
@@ -128,13 +171,17 @@ class Engine:
         return tqdm(total=total, desc=desc, unit="seq", leave=False, file=sys.stderr,
                     disable=not self.progress or total == 0)
 
-    def _batches(self, order: list[int], lengths: list[int], budget: list[int]) -> list[list[int]]:
-        """Cut ``order`` (sorted longest first) into batches by row count and token budget."""
+    def _batches(self, order: list[int], lengths: list[int], budget: list[int],
+                 key: Any = None) -> list[list[int]]:
+        """Cut ``order`` (sorted longest first) into batches by row count and token budget; with
+        ``key`` (row -> value), a batch holds only rows with equal keys (``order`` must keep rows
+        with equal keys together)."""
         out: list[list[int]] = []
         cur: list[int] = []
         for i in order:
             width = lengths[cur[0]] + max(budget[j] for j in cur + [i]) if cur else lengths[i] + budget[i]
-            if cur and (len(cur) >= self.batch_size or width * (len(cur) + 1) > self.max_batch_tokens):
+            if cur and (len(cur) >= self.batch_size or width * (len(cur) + 1) > self.max_batch_tokens
+                        or (key is not None and key(i) != key(cur[0]))):
                 out.append(cur)
                 cur = []
             cur.append(i)
@@ -150,16 +197,25 @@ class Engine:
         ids = [self.encode(r.prompt) for r in requests]
         lengths = [len(x) for x in ids]
         budget = [r.max_new_tokens for r in requests]
+        prompt_learning = _is_prompt_learning(self.model)
         # Longest first: the biggest batch comes first (memory errors surface at once) and rows of
         # similar length share a batch, so left padding wastes little.
         order = sorted(range(len(requests)), key=lambda i: (-lengths[i], i))
+        key = None
+        if prompt_learning:
+            # no padding through peft (see the module docstring): a batch is greedy prompts of one
+            # token length; a sampled request is a batch of its own (its own seed and settings)
+            def key(i: int) -> Any:
+                return lengths[i] if requests[i].temperature <= 0 else ("sampled", i)
+
+            order = sorted(order, key=lambda i: (-lengths[i], requests[i].temperature > 0, i))
         results: list[Generation | None] = [None] * len(requests)
         bar = self._bar(len(requests), desc)
         t0 = time.perf_counter()
         try:
-            for batch in self._batches(order, lengths, budget):
-                if _is_prompt_learning(self.model):
-                    gens = self._generate_hf([ids[i] for i in batch], [requests[i] for i in batch])
+            for batch in self._batches(order, lengths, budget, key):
+                if prompt_learning:
+                    gens = self._generate_peft([ids[i] for i in batch], [requests[i] for i in batch])
                     bar.update(len(batch))
                 else:  # the bar moves as each row finishes
                     gens = self._generate_batch([ids[i] for i in batch], [requests[i] for i in batch],
@@ -175,14 +231,17 @@ class Engine:
             self.stats.generate_seconds += time.perf_counter() - t0
         return [r for r in results if r is not None]
 
-    def _left_pad(self, rows: list[list[int]]) -> tuple[torch.Tensor, torch.Tensor]:
+    def _pad(self, rows: list[list[int]], left: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
+        """``input_ids`` and ``attention_mask`` of ``rows`` padded to one length, on the left
+        (generation: every row's next token is at the end) or on the right (scoring)."""
         n = max(len(r) for r in rows)
         input_ids = torch.full((len(rows), n), self.pad_id, dtype=torch.long)
         attn = torch.zeros((len(rows), n), dtype=torch.long)
         for b, r in enumerate(rows):
             if r:
-                input_ids[b, n - len(r):] = torch.tensor(r)
-                attn[b, n - len(r):] = 1
+                span = slice(n - len(r), n) if left else slice(0, len(r))
+                input_ids[b, span] = torch.tensor(r)
+                attn[b, span] = 1
         return input_ids.to(self.device), attn.to(self.device)
 
     @staticmethod
@@ -206,7 +265,7 @@ class Engine:
         from transformers import DynamicCache
 
         model = self.model
-        input_ids, attn = self._left_pad(prompts)
+        input_ids, attn = self._pad(prompts)
         pos = (attn.cumsum(-1) - 1).clamp(min=0)
         cache = DynamicCache(config=getattr(model, "config", None))
         out = model(input_ids=input_ids, attention_mask=attn, position_ids=pos, past_key_values=cache,
@@ -270,12 +329,17 @@ class Engine:
             return Generation(cut_at_stop(text, req.stop)[0], len(new), "length")
         return None
 
-    def _generate_hf(self, prompts: list[list[int]], reqs: list[GenRequest]) -> list[Generation]:
-        """Prompt-learning adapters: peft's own generate (it prepends the virtual tokens)."""
+    def _generate_peft(self, prompts: list[list[int]], reqs: list[GenRequest]) -> list[Generation]:
+        """Prompt-learning adapters: peft's own generate (it prepends the virtual tokens).
+
+        ``prompts`` all have the same length (no padding: peft drops the position ids that would
+        make padding harmless); more than one request only when all are greedy.
+        """
         from transformers import StoppingCriteria, StoppingCriteriaList
 
+        assert len({len(p) for p in prompts}) == 1, "prompt-learning batches hold prompts of one length"
         engine = self
-        input_ids, attn = self._left_pad(prompts)
+        input_ids = torch.tensor(prompts, dtype=torch.long, device=self.device)
         n_prompt = input_ids.shape[1]
 
         class _Stop(StoppingCriteria):
@@ -284,13 +348,20 @@ class Engine:
                          for b in range(ids.shape[0])]
                 return torch.tensor(flags, device=ids.device)
 
+        kw: dict[str, Any] = dict(input_ids=input_ids, attention_mask=torch.ones_like(input_ids),
+                                  max_new_tokens=max(r.max_new_tokens for r in reqs),
+                                  stopping_criteria=StoppingCriteriaList([_Stop()]), pad_token_id=self.pad_id)
         r0 = reqs[0]
-        sample = r0.temperature > 0
-        if sample:
-            torch.manual_seed(r0.seed)  # peft's generate has no per-row generators
-        kw = dict(do_sample=sample, temperature=r0.temperature, top_p=r0.top_p) if sample else dict(do_sample=False)
-        out = self.model.generate(input_ids=input_ids, attention_mask=attn, max_new_tokens=max(r.max_new_tokens for r in reqs),
-                                  stopping_criteria=StoppingCriteriaList([_Stop()]), pad_token_id=self.pad_id, **kw)
+        if r0.temperature > 0:
+            assert len(reqs) == 1, "sampled requests through peft run one at a time"
+            # peft's generate samples from the global generator: seed it with this request's seed
+            # inside fork_rng, so the caller's random state (CUDA's too) is untouched. top_k=0:
+            # only temperature and top-p shape the distribution, as in the engine's own loop.
+            with torch.random.fork_rng(devices=_rng_devices()):
+                torch.manual_seed(int(r0.seed) & (2**63 - 1))
+                out = self.model.generate(**kw, do_sample=True, temperature=r0.temperature, top_p=r0.top_p, top_k=0)
+        else:
+            out = self.model.generate(**kw, do_sample=False)
         gens = []
         for b, r in enumerate(reqs):
             new = out[b, n_prompt:].tolist()
@@ -331,32 +402,45 @@ class Engine:
                 multi.append(i)
         rows = [(ctx_ids[c], [], idx) for c, idx in single.items()]
         rows += [(ctx_ids[pairs[i][0]], cont_ids[i], [i]) for i in multi]
+        if any(not ctx for ctx, cont, _ in rows if cont):
+            raise ValueError("log-likelihood of a continuation needs a non-empty context "
+                             "(its first token has nothing to be predicted from)")
         order = sorted(range(len(rows)), key=lambda k: -(len(rows[k][0]) + len(rows[k][1])))
         lengths = [len(r[0]) + len(r[1]) for r in rows]
+        # the outputs of prompt / P-tuning start with the virtual tokens' positions
+        shift = _virtual_positions(self.model)
+        use_keep = self._accepts_keep
         bar = self._bar(len(pairs), desc)
         try:
             for batch in self._batches(order, lengths, [0] * len(rows)):
-                seqs = [rows[k][0] + rows[k][1] for k in batch]
-                input_ids, attn = self._left_pad(seqs)
-                kw = {}
-                if not _is_prompt_learning(self.model):  # peft ignores (and warns about) position ids
-                    kw["position_ids"] = (attn.cumsum(-1) - 1).clamp(min=0)
-                out = self.model(input_ids=input_ids, attention_mask=attn, **kw)
-                n = input_ids.shape[1]
-                logits = out.logits[:, -n:, :]
+                # right padding: no position ids needed, the pads come after everything scored
+                input_ids, attn = self._pad([rows[k][0] + rows[k][1] for k in batch], left=False)
+                # Position t predicts token t+1: a row needs the positions before each continuation
+                # token, or (single-token shortcut) the last context position. Only those are
+                # projected onto the vocabulary; a row with fewer repeats its last one.
+                want = []
+                for k in batch:
+                    ctx, cont, _ = rows[k]
+                    end = len(ctx) + len(cont)
+                    want.append(list(range(end - len(cont) - 1, end - 1)) if cont else [end - 1])
+                width = max(len(w) for w in want)
+                keep = torch.tensor([w + w[-1:] * (width - len(w)) for w in want], device=self.device) + shift
+                if use_keep:
+                    logits = self.model(input_ids=input_ids, attention_mask=attn, logits_to_keep=keep).logits
+                else:  # a model without logits_to_keep: all positions, then pick
+                    logits = self.model(input_ids=input_ids, attention_mask=attn).logits
+                    logits = torch.take_along_dim(logits, keep[..., None], dim=1)
                 if logits.dtype in (torch.float16, torch.bfloat16):
                     logits = logits.float()  # half-precision log-softmax loses the small differences
-                logp = torch.log_softmax(logits, dim=-1)
+                logp = torch.log_softmax(logits, dim=-1)  # rows x width x vocab
                 for b, k in enumerate(batch):
                     ctx, cont, idx = rows[k]
                     if not cont:  # single-token continuations: the distribution after the context
-                        dist = logp[b, n - 1]
                         for i in idx:
-                            scores[i] = float(dist[cont_ids[i][0]])
+                            scores[i] = float(logp[b, 0, cont_ids[i][0]])
                     else:
-                        # position t predicts token t+1; the continuation occupies the last len(cont)
-                        span = logp[b, n - len(cont) - 1 : n - 1]
-                        scores[idx[0]] = float(span.gather(1, torch.tensor(cont, device=span.device)[:, None]).sum())
+                        tok = torch.tensor(cont, device=logp.device)
+                        scores[idx[0]] = float(logp[b, : len(cont)].gather(1, tok[:, None]).sum())
                     self.stats.scored_tokens += len(ctx) + len(cont)
                 bar.update(sum(len(rows[k][2]) for k in batch))
         finally:

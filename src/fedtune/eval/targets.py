@@ -9,9 +9,10 @@ Kinds of target (the registry :data:`TARGET_KINDS`, one opener each):
   this kind too;
 * ``adapter`` — a PEFT adapter directory (``adapter_config.json``). Its base model is the one
   recorded by :func:`fedtune.adapters.save_adapter` (``fedtune_adapter.json``) unless ``--base``
-  names another; the recorded base-model fingerprint must match, otherwise a clear error. A LoRA
-  adapter is merged into the weights for the evaluation (same function, no adapter overhead per
-  token) and unmerged afterwards.
+  names another; the recorded base-model fingerprint (architecture) and weight probe (a sample of
+  the weights) must match, otherwise a clear error. A LoRA adapter on an fp32 base is merged into
+  the weights for the evaluation (same function, no adapter overhead per token) and the pristine
+  weights are put back afterwards; on a bf16/fp16 base it runs unmerged.
 
 Offsite tuning (FS-LLM's FedOT) plugs in here: it needs two more kinds, ``offsite-emulator``
 (the layer-dropped emulator with the trained adapter layers) and ``offsite-full`` (the full model
@@ -174,24 +175,41 @@ def _open_base(t: Target, cache: ModelCache) -> Iterator[tuple[Any, Any, Any]]:
     yield model, tok, None
 
 
-def _mismatch(adapter_dir: Path, meta: dict[str, Any], base_name: str, have: str | None) -> FedtuneError:
+def _mismatch(adapter_dir: Path, meta: dict[str, Any], base_name: str, have: str | None,
+              why: str | None = None) -> FedtuneError:
     recorded = meta.get("base_model")
+    if why is None:
+        what = (f"(fingerprint {meta.get('base_model_fingerprint')}), but the base model given is '{base_name}'"
+                + (f" (fingerprint {have})" if have else ""))
+    else:
+        what = f"but the base model given, '{base_name}', has the same architecture and different weights ({why})"
+    if recorded and recorded == base_name:
+        fix = ("the weights under that name are not the ones the adapter was trained on; give the exact "
+               "checkpoint it was trained on with --base PATH")
+    elif recorded:
+        fix = f"Use --base {recorded} (or drop --base)"
+    else:
+        fix = "Give the right model with --base"
     return FedtuneError(
-        f"adapter {adapter_dir} was trained on base model '{recorded}' (fingerprint "
-        f"{meta.get('base_model_fingerprint')}), but the base model given is '{base_name}'"
-        + (f" (fingerprint {have})" if have else "") + ": an adapter only works on the model it was trained on. "
-        + (f"Use --base {recorded} (or drop --base)" if recorded else "Give the right model with --base")
+        f"adapter {adapter_dir} was trained on base model '{recorded}' {what}: an adapter only works on the "
+        "model it was trained on (another checkpoint of the same architecture, a fine-tune such as SmolLM2 "
+        f"base vs Instruct, is another model). {fix}"
     )
 
 
 def check_base(adapter_dir: Path, meta: dict[str, Any], pm: Any, base_name: str) -> None:
     """Refuse an adapter trained on another base model.
 
-    :func:`fedtune.adapters.save_adapter` records ``model_fingerprint`` of the base model as the
-    peft wrapper holds it (adapter layers injected), so the check is made the same way, after
-    loading the adapter.
+    :func:`fedtune.adapters.save_adapter` records ``model_fingerprint`` (architecture and shapes,
+    taken as the peft wrapper holds the base: adapter layers injected, so the check is made the
+    same way, after loading the adapter) and ``weight_probe`` (a sample of the weights and their
+    dtype). A different architecture is refused; the same architecture is accepted only when the
+    sampled weights agree up to the rounding of the two dtypes, so the same model under another
+    name or path, or loaded in another dtype, passes and a differently trained one does not.
+    Adapters saved without a probe (older fedtune, other tools) can only be checked for shapes:
+    a same-shaped base gets a warning.
     """
-    from fedtune.models import model_fingerprint
+    from fedtune.models import model_fingerprint, probe_mismatch, weight_probe
 
     want = meta.get("base_model_fingerprint")
     if not want:
@@ -199,26 +217,37 @@ def check_base(adapter_dir: Path, meta: dict[str, Any], pm: Any, base_name: str)
         return
     inner = pm.get_base_model()
     have = model_fingerprint(inner)
-    if have == want:
+    if have != want:
+        # The fingerprint includes the model's name; the same model under another name (a path to
+        # the dequantised cache, say) has the same architecture and shapes.
+        saved = getattr(inner.config, "fedtune_name", None)
+        try:
+            inner.config.fedtune_name = meta.get("base_model")
+            same_shapes = model_fingerprint(inner) == want
+        finally:
+            inner.config.fedtune_name = saved
+        if not same_shapes:
+            raise _mismatch(adapter_dir, meta, base_name, have)
+    probe = meta.get("base_model_probe")
+    if not probe:
+        if have != want:
+            log.warning("adapter %s was trained on '%s'; evaluating it on '%s', which has the same architecture "
+                        "(the adapter records no weight sample, so the weights cannot be compared)",
+                        adapter_dir, meta.get("base_model"), base_name)
         return
-    # The fingerprint includes the model's name; the same model under another name (a path to the
-    # dequantised cache, say) has the same architecture and shapes: accept it with a warning.
-    saved = getattr(inner.config, "fedtune_name", None)
-    try:
-        inner.config.fedtune_name = meta.get("base_model")
-        same_shapes = model_fingerprint(inner) == want
-    finally:
-        inner.config.fedtune_name = saved
-    if same_shapes:
-        log.warning("adapter %s was trained on '%s'; evaluating it on '%s', which has the same architecture",
-                    adapter_dir, meta.get("base_model"), base_name)
-        return
-    raise _mismatch(adapter_dir, meta, base_name, have)
+    why = probe_mismatch(probe, weight_probe(inner))
+    if why is not None:
+        raise _mismatch(adapter_dir, meta, base_name, have, why)
+    if have != want:
+        log.info("adapter %s: '%s' holds the weights of '%s' it was trained on", adapter_dir, base_name,
+                 meta.get("base_model"))
 
 
 @contextlib.contextmanager
 def _open_adapter(t: Target, cache: ModelCache) -> Iterator[tuple[Any, Any, Any]]:
+    import torch
     from peft import PeftModel
+    from peft.tuners.lora import LoraLayer
 
     from fedtune.data import template_from_dict
 
@@ -231,19 +260,30 @@ def _open_adapter(t: Target, cache: ModelCache) -> Iterator[tuple[Any, Any, Any]
             raise _mismatch(t.path, t.meta, t.model, None) from None
         raise FedtuneError(f"could not load adapter {t.path} onto '{t.model}': {e}") from None
     lora = pm.active_peft_config.peft_type.value == "LORA"
+    # The base model is cached and shared by every target, so it must come back bit-identical.
+    # Merging B·A into the weights (one matmul per layer, as fast as the base) and unmerging is not
+    # exact in floating point (W + D - D != W), so the merged layers' weights are copied first and
+    # put back. In bf16/fp16 the adapter is not merged at all: W + D rounded to 8 or 11 bits loses
+    # most of a small D, so the merged model would not be the trained one; unmerged, peft adds the
+    # adapter's output computed in fp32.
+    merge = lora and not any(p.dtype in (torch.float16, torch.bfloat16) for p in base.parameters())
+    pristine: list[tuple[Any, Any]] = []  # (parameter, its copy)
     try:
         check_base(t.path, t.meta, pm, t.model)
         pm.to(cache.device).eval()
         tpl_file = t.path / "fedtune_template.json"
         template = template_from_dict(json.loads(tpl_file.read_text())) if tpl_file.is_file() else None
-        if lora:
-            pm.merge_adapter()  # fold B·A into the weights: one matmul per layer, as the base
+        if merge:
+            pristine = [(p, p.detach().clone()) for m in pm.modules() if isinstance(m, LoraLayer)
+                        for p in m.get_base_layer().parameters(recurse=False)]
+            pm.merge_adapter()
         yield pm, tok, template
     finally:
         if lora:
-            if pm.peft_config and any(getattr(m, "merged", False) for m in pm.modules()):
-                pm.unmerge_adapter()
-            pm.unload()  # strip the LoRA layers: the cached base model is plain again
+            pm.unload()  # strip the LoRA layers (without unmerging): the cached base model is plain again
+            with torch.no_grad():
+                for p, saved in pristine:
+                    p.copy_(saved)
         # prompt learning never touches the base weights; dropping the wrapper is enough
 
 

@@ -11,6 +11,8 @@ from fedtune.models.loading import (
     load_model,
     load_tokenizer,
     model_fingerprint,
+    probe_mismatch,
+    weight_probe,
 )
 
 __all__ = [
@@ -22,4 +24,6 @@ __all__ = [
     "load_model",
     "load_tokenizer",
     "model_fingerprint",
+    "probe_mismatch",
+    "weight_probe",
 ]

@@ -238,9 +238,83 @@ def load_model(cfg: ModelConfig) -> tuple[PreTrainedModel, PreTrainedTokenizerBa
 
 
 def model_fingerprint(model: PreTrainedModel) -> str:
-    """Identity of a base model's architecture and shapes (adapter compatibility checks)."""
+    """Identity of a base model's architecture and shapes (adapter compatibility checks).
+
+    Same architecture is not same model: :func:`weight_probe` tells the weights apart.
+    """
     c = model.config
     parts = [c.model_type, getattr(c, "fedtune_name", ""), str(c.vocab_size)]
     parts += [f"{n}:{tuple(p.shape)}" for n, p in model.named_parameters()][:4]
     parts.append(str(sum(p.numel() for p in model.parameters())))
     return hashlib.sha256("|".join(parts).encode()).hexdigest()[:16]
+
+
+#: The probe samples this many weight matrices, and this many values of each.
+PROBE_TENSORS, PROBE_VALUES = 8, 64
+
+#: Relative difference two copies of one weight may show when held in these dtypes: rounding to
+#: bf16 (7 stored mantissa bits) moves a value by at most half a unit in the last place, 2^-8
+#: relative, to fp16 (10 bits) by 2^-11; the tolerance is twice that (one ulp) for margin. fp32
+#: or fp64 copies of one checkpoint are identical; 2^-20 only absorbs arithmetic in a conversion
+#: path (e.g. a GGUF dequantised again).
+_PROBE_RTOL = {"float64": 2.0**-20, "float32": 2.0**-20, "bfloat16": 2.0**-7, "float16": 2.0**-10}
+#: fp16 holds values below 2^-14 as subnormals, spaced 2^-24 apart: an absolute floor.
+_PROBE_ATOL = {"float16": 2.0**-24}
+
+
+def _base_weights(model: torch.nn.Module) -> list[tuple[str, torch.Tensor]]:
+    """The base model's own weight matrices under names that do not depend on a peft wrapper (LoRA
+    moves a wrapped layer's weight to ``<layer>.base_layer`` and adds ``lora_*`` parameters)."""
+    out = []
+    for n, p in model.named_parameters():
+        parts = n.split(".")
+        if p.dim() >= 2 and not any(x.startswith("lora_") for x in parts):
+            out.append((".".join(x for x in parts if x != "base_layer"), p))
+    return sorted(out, key=lambda t: t[0])
+
+
+def weight_probe(model: torch.nn.Module) -> dict:
+    """A small numeric sample of a base model's weights, recorded with every saved adapter.
+
+    :func:`model_fingerprint` says "same architecture"; this says "same weights": a differently
+    initialised or fine-tuned model of the same architecture (SmolLM2 base vs Instruct) differs in
+    most sampled values, while the same checkpoint under another name or path, or loaded in
+    another dtype, differs at most by rounding (see :func:`probe_mismatch`). The sample is
+    deterministic: :data:`PROBE_TENSORS` weight matrices evenly spaced in name order and
+    :data:`PROBE_VALUES` scattered positions in each (a multiplicative hash of the index, so
+    structured patterns in a matrix do not line up with the sample). Matrices only: norm weights
+    start as all ones in every freshly initialised model.
+    """
+    mats = _base_weights(model)
+    if not mats:
+        return {"dtype": "float32", "values": {}}
+    k = min(PROBE_TENSORS, len(mats))
+    picks = sorted({round(i * (len(mats) - 1) / max(k - 1, 1)) for i in range(k)})
+    values: dict[str, list[float]] = {}
+    dtypes = set()
+    for i in picks:
+        name, p = mats[i]
+        flat = p.detach().reshape(-1)
+        idx = torch.tensor([(j * 2654435761 + 97) % flat.numel() for j in range(PROBE_VALUES)], device=flat.device)
+        values[name] = [float(v) for v in flat[idx].double().cpu()]
+        dtypes.add(str(p.dtype).removeprefix("torch."))
+    # the coarsest dtype sampled decides how much rounding the comparison forgives
+    dtype = max(dtypes, key=lambda d: _PROBE_RTOL.get(d, 2.0**-7))
+    return {"dtype": dtype, "values": values}
+
+
+def probe_mismatch(recorded: dict, current: dict) -> str | None:
+    """``None`` when two :func:`weight_probe` results come from the same weights (up to the
+    rounding of their dtypes), else what differs, in words."""
+    a, b = recorded.get("values") or {}, current.get("values") or {}
+    if set(a) != set(b) or any(len(a[n]) != len(b[n]) for n in a):
+        return "its weight matrices are not the ones sampled when the adapter was saved"
+    da, db = str(recorded.get("dtype", "float32")), str(current.get("dtype", "float32"))
+    rtol = max(_PROBE_RTOL.get(da, 2.0**-7), _PROBE_RTOL.get(db, 2.0**-7))
+    atol = max(_PROBE_ATOL.get(da, 0.0), _PROBE_ATOL.get(db, 0.0))
+    total = sum(len(v) for v in a.values())
+    bad = sum(1 for n in a for x, y in zip(a[n], b[n]) if not abs(x - y) <= atol + rtol * max(abs(x), abs(y)))
+    if bad == 0:
+        return None
+    return (f"{bad} of {total} sampled weights differ by more than {da} vs {db} rounding "
+            f"(relative tolerance {rtol:.2g})")

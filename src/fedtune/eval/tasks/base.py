@@ -98,6 +98,20 @@ class Task:
     #: examples evaluated when no ``--limit`` is given (``None``: all).
     default_limit: ClassVar[int | None] = None
 
+    def __post_init__(self) -> None:
+        """Check the options generation tasks share, when the task is configured: a bad value is
+        one error before any model is loaded, not a crash after the generation work."""
+        opts = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
+        where = f"option '{self.name}."
+        if opts.get("temperature", 0.0) < 0:
+            raise FedtuneError(f"{where}temperature' must be 0 (greedy) or positive, got {opts['temperature']}")
+        if not 0 < opts.get("top_p", 1.0) <= 1:
+            raise FedtuneError(f"{where}top_p' must lie in (0, 1], got {opts['top_p']}")
+        if opts.get("max_new_tokens", 1) < 1:
+            raise FedtuneError(f"{where}max_new_tokens' must be at least 1, got {opts['max_new_tokens']}")
+        if opts.get("prompt", "raw") not in ("raw", "template"):
+            raise FedtuneError(f"{where}prompt' must be 'raw' or 'template', got {opts['prompt']!r}")
+
     # ---- what subclasses implement ------------------------------------------------------
     def examples(self, ctx: TaskContext) -> list[dict[str, Any]]:
         raise NotImplementedError

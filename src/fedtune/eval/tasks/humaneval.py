@@ -7,7 +7,9 @@ completion is cut at the Codex stop sequences; each program (prompt + completion
 
 pass@k uses the unbiased estimator ``1 - C(n-c, k) / C(n, k)`` over ``n`` samples per problem
 (``n=1`` with greedy decoding gives greedy pass@1, the paper's headline; FS-LLM samples 5 at
-temperature 0.1). k values above ``n`` are not reported.
+temperature 0.1). k values above ``n`` are not reported; the headline is pass@1 when ``ks`` holds 1,
+else the smallest k reported. The options are checked when the task is configured, before any
+model is loaded.
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ import re
 from dataclasses import dataclass
 from typing import Any
 
+from fedtune.errors import FedtuneError
 from fedtune.eval.engine import GenRequest
 from fedtune.eval.tasks.base import Task, TaskContext, register_task, wrap_prompt
 from fedtune.utils import derive_seed
@@ -42,10 +45,13 @@ def program(problem: dict[str, Any], completion: str, templated: bool = False) -
     body = problem["prompt"] + completion
     if templated:
         code = extract_code(completion)
-        # a templated answer usually restates the whole function; then it replaces the prompt
+        # A templated answer usually restates the whole function. The prompt stays in front of it
+        # anyway: it is valid Python on its own (the docstring is the target function's body) and
+        # holds the imports and any helper functions the problem gives (is_palindrome in
+        # HumanEval/10, encode_cyclic in 38, encode_shift in 50); the answer's definitions come
+        # after it and override the prompt's.
         if re.search(rf"^\s*def\s+{re.escape(problem['entry_point'])}\s*\(", code, flags=re.M):
-            head = "\n".join(ln for ln in problem["prompt"].splitlines() if ln.startswith(("import ", "from ")))
-            body = f"{head}\n{code}"
+            body = f"{problem['prompt']}\n{code}"
         else:
             body = problem["prompt"] + code
     return f"{body}\n\n{problem['test']}\n\ncheck({problem['entry_point']})\n"
@@ -70,6 +76,29 @@ class HumanEval(Task):
     #: seconds and MiB per program.
     timeout: float = 5.0
     memory_mb: int = 1024
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if not isinstance(self.n, int) or self.n < 1:
+            raise FedtuneError(f"option 'humaneval.n' (samples per problem) must be at least 1, got {self.n!r}")
+        ks = (self.ks,) if isinstance(self.ks, int) else self.ks  # humaneval.ks=10 means [10]
+        if (not isinstance(ks, (tuple, list)) or not ks
+                or any(isinstance(k, bool) or not isinstance(k, int) or k < 1 for k in ks)):
+            raise FedtuneError(f"option 'humaneval.ks' must be a positive whole number or a list of them, e.g. "
+                               f"humaneval.ks=[1,10]; got {self.ks!r}")
+        self.ks = tuple(sorted(set(ks)))
+        reported = [k for k in self.ks if k <= self.n]
+        if not reported:
+            raise FedtuneError(f"humaneval.ks={list(self.ks)} asks for no k at most humaneval.n={self.n}: pass@k "
+                               f"needs at least k samples per problem; raise humaneval.n to {min(self.ks)} "
+                               "(with humaneval.temperature>0) or add 1 to ks")
+        if self.n > 1 and self.temperature <= 0:
+            raise FedtuneError(f"humaneval.n={self.n} with humaneval.temperature=0 (greedy) generates {self.n} "
+                               "identical completions; set humaneval.temperature (e.g. 0.8) to sample, or n=1")
+        if self.timeout <= 0 or self.memory_mb < 1:
+            raise FedtuneError("options 'humaneval.timeout' (seconds) and 'humaneval.memory_mb' must be positive")
+        # the headline: pass@1 when asked for, else the smallest k reported
+        self.metric = f"pass@{reported[0]}"  # type: ignore[misc]
 
     def examples(self, ctx: TaskContext) -> list[dict[str, Any]]:
         from fedtune.eval.data import load_eval_source
