@@ -279,6 +279,19 @@ def test_a_restarted_node_takes_over_from_its_silent_old_id():
     msg = Message({"w": torch.ones(1)}, config={"round": 2})
     assert all(r.message is not None for r in t.send("fit", {"a": msg, "b": msg}))
     assert t.node_of["a"] == 3 and clock.t - t0 <= 10 + 2
+    # killed mid-round: its fit times out, then its restart takes over at once (no probe needed)
+    g.nodes[3] = lambda m: None if m.metadata.message_type != "query" else echo_node(["a"])(m)
+    t = FlowerTransport(g, DeployConfig(poll_s=0.5, join_timeout_s=300, query_timeout_s=10, round_timeout_s=30,
+                                        min_clients=1), sleep=clock.sleep, clock=clock)
+    g.nodes.pop(1)
+    assert t.discover()[0] == ["a", "b"] and t.node_of["a"] == 3
+    r = {x.cid: x for x in t.send("fit", {"a": msg, "b": msg})}
+    assert r["a"].message is None and "no reply within" in r["a"].error
+    g.nodes[3] = lambda m: None  # dead, still listed
+    g.nodes[4] = echo_node(["a"])
+    t0 = clock.t
+    assert all(x.message is not None for x in t.send("fit", {"a": msg, "b": msg}))
+    assert t.node_of["a"] == 4 and clock.t - t0 < 10  # not even one query timeout spent on the old id
 
 
 def test_a_key_registered_for_client_ids_binds_its_node_to_them(caplog):

@@ -46,6 +46,9 @@ from fedtune.transport import Reply, Spec, parse_reply
 log = logging.getLogger(__name__)
 
 _TYPES = {"fit": "train", "evaluate": "evaluate", "query": "query"}
+#: Flower error codes of a reply that the SuperLink wrote for a node that did not answer
+#: (message / reply / node unavailable), as opposed to errors the node's ClientApp raised
+_NODE_GONE = {3, 4, 5}
 
 
 #: seconds before a SuperNode whose ``query`` came back with an error is asked again (doubling)
@@ -133,6 +136,7 @@ class FlowerTransport:
         self.failures: dict[int, int] = {}  # node id -> failed queries in a row (the back-off)
         self.given_up: set[int] = set()  # silent or refusing nodes: a run need not wait for them
         self.refused: set[tuple[int, str]] = set()  # (node, client id) claims a live holder keeps
+        self.missed: set[int] = set()  # nodes that did not answer their last fit/evaluate in time
 
     # ---- who is where ----------------------------------------------------------------------
     def _online(self) -> dict[int, str]:
@@ -144,6 +148,7 @@ class FlowerTransport:
             if self.node_of.get(cid) == n:
                 del self.node_of[cid]
         self.refused = {(m, c) for m, c in self.refused if m != n}
+        self.missed.discard(n)
 
     def _failed(self, n: int, why: str, base: float, *, give_up: bool) -> None:
         """Ask ``n`` again after ``base`` seconds, doubled for each failure in a row."""
@@ -216,7 +221,8 @@ class FlowerTransport:
         """Free client ids go to the first node (in answer order) that announced them. A later
         node announcing a held id is refused while the holder still answers for it; a holder that
         does not is taken for gone (a SuperNode restarted under a new node id leaves its old id in
-        the live list until its heartbeat lapses) and the newcomer takes over."""
+        the live list until its heartbeat lapses) and the newcomer takes over. A holder that let its
+        last fit/evaluate time out is taken for gone at once; any other is probed with a query."""
         contested: dict[int, list[tuple[int, str]]] = {}
         for n, clients in self.answered.items():
             for cid, num in clients.items():
@@ -230,7 +236,8 @@ class FlowerTransport:
                     contested.setdefault(holder, []).append((n, cid))
         if not contested:
             return
-        got = self._query(sorted(contested))  # one probe for all contested holders
+        probe = sorted(h for h in contested if h not in self.missed)
+        got = self._query(probe) if probe else {}  # one probe for all contested holders
         for h, claims in contested.items():
             r = got.get(h)
             try:
@@ -363,9 +370,13 @@ class FlowerTransport:
                     on_reply(replies[pending[0]])
                 pending[0] = next(order, None)
 
+        alive: set[str] = set()  # clients whose node answered (an error its ClientApp raised counts)
+
         def arrived(cid: str, fr) -> None:
             secs = time.monotonic() - t0
             spec = (expect or {}).get(cid)
+            if not fr.has_error() or fr.error.code not in _NODE_GONE:
+                alive.add(cid)
             if fr.has_error():  # the reason text comes from the node: bounded before it is logged
                 replies[cid] = parse_reply(cid, kind, None, bytes_down=len(down[cid]), seconds=secs,
                                            error=f"Flower error {fr.error.code}: {clean(fr.error.reason)}")
@@ -383,6 +394,12 @@ class FlowerTransport:
         rnd = int(next((m.config.get("round", 0) for m in instructions.values()), 0))
         out = {cid: (self.node_of[cid], down[cid], {"cid": cid, "round": rnd}) for cid in reachable}
         self._exchange(kind, out, timeout=self.d.round_timeout_s, on_arrival=arrived)
+        for cid in reachable:  # which nodes answered their last exchange (see _assign)
+            node = self.node_of.get(cid)
+            if cid in alive:
+                self.missed.discard(node)
+            elif node is not None:
+                self.missed.add(node)
         for cid in cids:
             if cid not in replies:
                 replies[cid] = parse_reply(cid, kind, None, bytes_down=len(down[cid]),
