@@ -7,6 +7,7 @@ import json
 import math
 import pickle
 import random
+import re
 import zlib
 from types import SimpleNamespace
 
@@ -370,6 +371,119 @@ def test_fuzz_thousands_of_hostile_inputs_never_crash_the_server():
             assert all(torch.isfinite(t).all() for t in r.message.tensors.values())
             outcomes["ok"] += 1
     assert outcomes["rejected"] > 2000
+
+
+# values a hostile client may put in its metrics: none of them may reach the round's sums
+_HOSTILE_VALUES = [None, float("nan"), float("inf"), -float("inf"), 10**400, 2**60, -7, "1.5", True, [1], {"a": 1},
+                   1e308, 0, 3, 2.5]
+_FIT_KEYS = ["train_loss", "train_label_tokens", "train_tokens", "train_seconds", "skipped_nonfinite", "lr",
+             "steps", "local_val_tokens", "local_val_loss_sum", "up_rel_error", "x" * 100, ""]
+_EVAL_KEYS = ["val_loss_sum", "val_tokens", "test_loss_sum", "test_tokens", "other"]
+
+
+def _hostile_metrics(rng: random.Random, keys: list[str]) -> dict:
+    return {rng.choice(keys): rng.choice(_HOSTILE_VALUES) for _ in range(rng.randint(0, 5))}
+
+
+class _HostileTransport:
+    """Answers every instruction with the next hostile reply, through the real parser."""
+
+    def __init__(self, rng: random.Random, fit_bases: list[bytes]):
+        self.rng, self.fit_bases, self.replies = rng, fit_bases, []
+
+    def _blob(self, kind: str) -> bytes:
+        rng = self.rng
+        if rng.random() < 0.3:  # byte-level damage to a well-formed reply
+            return next(_mutations(rng, self.fit_bases, rng.randint(1, 5)))
+        keys = _FIT_KEYS if kind == "fit" else _EVAL_KEYS
+        if kind == "fit":
+            msg = Message({k: torch.randn(s) * rng.choice([1e-3, 1.0, 1e30]) for k, (s, _) in SPEC.items()},
+                          delta=rng.random() < 0.5)
+        else:
+            msg = Message()
+        msg.metrics = _hostile_metrics(rng, keys)
+        # well-formed metrics too, so that accepted replies do reach the sums
+        if rng.random() < 0.4:
+            msg.metrics = {"train_loss": 2.0, "train_label_tokens": 7, "train_tokens": 9, "train_seconds": 0.5,
+                           "local_val_loss_sum": 3.0, "local_val_tokens": 2} if kind == "fit" else \
+                          {"val_loss_sum": 4.0, "val_tokens": 2, "test_loss_sum": 1.0, "test_tokens": 1}
+        return encode(msg)
+
+    def send(self, kind, instructions, *, expect=None, on_reply=None):
+        out = []
+        for cid in instructions:
+            r = parse_reply(cid, kind, self._blob(kind), bytes_down=1, seconds=0.0, expect=(expect or {}).get(cid))
+            self.replies.append(r)
+            out.append(r)
+            if on_reply is not None:
+                on_reply(r)
+        return out
+
+
+def test_fuzzed_replies_through_server_rounds_never_crash_the_run(tmp_path):
+    """Hostile fit and evaluate replies go through whole Server rounds (pooling, FedAvg, per-client
+    rows, evaluation, the console table, metrics.jsonl): nothing raises and nothing non-finite is
+    logged or aggregated. Before metrics had a schema, a null loss, a null token count or a loss sum
+    without its count crashed the round (TypeError/KeyError) and NaN poisoned val_loss."""
+    from fedtune.algorithms import get_algorithm
+    from fedtune.config import load_config
+    from fedtune.metrics import MetricsLogger
+    from fedtune.run import console_hooks
+    from fedtune.server import GLOBAL, Server
+    from fedtune.state import ClientStateStore
+
+    rng = random.Random(1)
+    cfg = load_config(None, ["fl.rounds=1000", "eval.every=1", "checkpoint.every=0", "output.tensorboard=false",
+                             "output.progress=false"])
+    bases = [_good(n) for n in (("topk", "int8", "zstd"), ("int4",), ())]
+    transport = _HostileTransport(rng, bases)
+    cids = ["c0", "c1", "c2"]
+    printed = []
+    server = Server(cfg=cfg, algorithm=get_algorithm("fedavg"), transport=transport, train_clients=cids,
+                    eval_clients=cids, num_train={c: 10 for c in cids},
+                    models={GLOBAL: {k: torch.zeros(s) for k, (s, _) in SPEC.items()}},
+                    store=ClientStateStore(None), logger=MetricsLogger(tmp_path, tensorboard=False), run_dir=tmp_path,
+                    save_adapters=lambda *a: None, hooks=console_hooks(cfg, printed.append, True))
+    for rnd in range(1, 201):
+        server.run_round(rnd)  # must not raise
+        assert all(torch.isfinite(t).all() for t in server.models[GLOBAL].values())
+
+    def finite(v):
+        if isinstance(v, float):
+            return math.isfinite(v)
+        return not isinstance(v, (list, dict))
+    rows = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert len(rows) == 200 * 4 and len(printed) == 200
+    bad = [(r["round"], k, v) for r in rows for k, v in r.items() if not finite(v)]
+    assert not bad, bad[:5]
+    accepted = [r for r in transport.replies if r.message is not None]
+    rejected = [r for r in transport.replies if r.message is None]
+    assert len(accepted) > 200 and len(rejected) > 600  # both paths really ran
+    assert sum("metric" in r.error for r in rejected) > 200  # hostile metrics: rejected with a reason
+    pooled = [r for r in rows if r["kind"] == "round" and r.get("val_loss") is not None]
+    assert pooled and all(r["val_loss"] >= 0 for r in pooled)
+
+
+def test_metric_schema_is_strict_but_takes_what_clients_send():
+    ok = {"train_loss": 1.5, "train_label_tokens": 3, "lr": 1e-4, "local_val_loss_sum": 2.0, "local_val_tokens": 4}
+    assert parse_reply("c", "fit", encode(Message({k: torch.zeros(s) for k, (s, _) in SPEC.items()}, metrics=ok)),
+                       bytes_down=0, seconds=0.0, expect=SPEC).message.metrics == ok
+    zeros = {k: torch.zeros(s) for k, (s, _) in SPEC.items()}
+    for metrics, needle in [({"train_loss": None}, "finite numbers"), ({"train_loss": float("nan")}, "finite"),
+                            ({"train_tokens": float("inf")}, "finite"), ({"steps": 2**60}, "2\\*\\*53"),
+                            ({"steps": True}, "finite numbers"), ({"lr": "0.1"}, "finite numbers"),
+                            ({f"m{i}": 1 for i in range(65)}, "at most 64"), ({"x" * 65: 1}, "longer than"),
+                            ({"train_tokens": 2.5}, "non-negative integer"), ({"val_tokens": -1}, "non-negative"),
+                            ({"local_val_tokens": 5}, "unpaired"), ({"val_loss_sum": 1.0}, "unpaired")]:
+        r = parse_reply("c", "fit", encode(Message(zeros, metrics=metrics)), bytes_down=0, seconds=0.0, expect=SPEC)
+        assert r.message is None and re.search(needle, r.error), (metrics, r.error)
+    r = parse_reply("c", "evaluate", encode(Message(metrics={"val_tokens": 3})), bytes_down=0, seconds=0.0)
+    assert r.message is None and "unpaired" in r.error
+    r = parse_reply("c", "evaluate", encode(Message(metrics={"val_tokens": 3, "val_loss_sum": 1.0, "lr": 1.0})),
+                    bytes_down=0, seconds=0.0)
+    assert r.message is None and "'lr'" in r.error  # an evaluation carries loss pairs only
+    with pytest.raises(MessageError, match="config"):
+        decode(encode(Message(config={"splits": [["val"]]})))
 
 
 def test_server_parse_reply_reports_the_reason():

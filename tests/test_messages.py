@@ -9,7 +9,7 @@ from fedtune.messages import Message, MessageError, decode, encode
 def _msg():
     return Message(
         tensors={"a": torch.randn(3, 4), "b": torch.randn(5).to(torch.bfloat16), "c": torch.arange(6).reshape(2, 3)},
-        metrics={"loss": 1.5, "n": 3, "missing": None},
+        metrics={"loss": 1.5, "n": 3},
         config={"round": 2, "splits": ["val"]},
     )
 

@@ -95,6 +95,8 @@ def _deploy_parser(sub) -> None:
                          "(default: superlink.db; ':flwr-in-memory:' keeps it in memory)")
     _connection_args(rg := ds.add_parser("register", help="allow a SuperNode's public key (node authentication)"))
     rg.add_argument("public_key", help="NAME.pub from `fedtune deploy certs --node NAME`")
+    rg.add_argument("--client-id", default=None,
+                    help="bind the key to these client ids (comma-separated): its node may hold only them")
     sn = ds.add_parser("supernode", help="start one organisation's SuperNode (with fedtune's warm worker)")
     _connection_args(sn)
     sn.add_argument("--client-id", required=True, help="fedtune client id(s) this node answers for (comma-separated)")
@@ -103,6 +105,16 @@ def _deploy_parser(sub) -> None:
     sn.add_argument("--key", default=None, help="private key for node authentication (NAME from `fedtune deploy certs --node`)")
     sn.add_argument("--runtime-port", type=int, default=9094, help="local port of the SuperNode's Runtime API")
     sn.add_argument("--no-worker", action="store_true", help="load the model in every ClientApp process instead (slower)")
+    # this node's policy: what a submitted run may do on this machine (docs/deployment.md#security)
+    sn.add_argument("--allow-remote-code", action="store_true",
+                    help="let a run's model.trust_remote_code run the model's own Python code here")
+    sn.add_argument("--model-dir", action="append", default=[],
+                    help="a directory model.name may point into (repeatable; default: none, only built-in names and hub ids)")
+    sn.add_argument("--data-dir", default=None,
+                    help="where built-in sources and data files named by a run are looked up (default: $FEDTUNE_DATA_DIR)")
+    sn.add_argument("--cache-dir", default=None, help="this node's caches (default: $FEDTUNE_CACHE or ~/.cache/fedtune)")
+    sn.add_argument("--max-world-size", type=int, default=1,
+                    help="processes a run may start per client (train.world_size; default 1)")
     sb = ds.add_parser("submit", help="submit a fedtune run to the SuperLink (flwr run)")
     _connection_args(sb)
     sb.add_argument("config", help="YAML config file")
@@ -146,12 +158,15 @@ def _deploy(args) -> int:
     if cmd == "register":
         home = deploy.flwr_home(args.flwr_home)
         deploy.write_connection(home, args.superlink, args.ca)
-        argv = deploy.register_command(args.public_key)
+        argv = deploy.register_command(args.public_key, args.client_id)
         print(f"$ FLWR_HOME={home} " + " ".join(argv), flush=True)
         return subprocess.call(argv, env=dict(os.environ, FLWR_HOME=str(home)))
     if cmd == "supernode":
         return deploy.run_supernode(args.superlink, args.ca, args.client_id, runtime_port=args.runtime_port,
-                                    data=args.data, state_dir=args.state_dir, key=args.key, warm=not args.no_worker)
+                                    data=args.data, state_dir=args.state_dir, key=args.key, warm=not args.no_worker,
+                                    allow_remote_code=args.allow_remote_code, model_dirs=args.model_dir,
+                                    data_dir=args.data_dir, cache_dir=args.cache_dir,
+                                    max_world_size=args.max_world_size)
     if cmd == "submit":
         from fedtune.config import load_config
 

@@ -129,12 +129,14 @@ class FedClient:
             state.meta["opt"] = meta
         rt.store.put(self.cid, state)
         metrics = {
-            "train_loss": stats.loss, "train_label_tokens": stats.label_tokens, "train_tokens": stats.tokens,
+            "train_label_tokens": stats.label_tokens, "train_tokens": stats.tokens,
             "train_examples": stats.examples, "steps": stats.steps, "skipped_nonfinite": stats.skipped_nonfinite,
             "train_seconds": stats.seconds, "lr": stats.lr, "num_train": len(data),
             "step_seconds": stats.seconds / stats.steps if stats.steps else 0.0,
             "tokens_per_s": stats.tokens / stats.seconds if stats.seconds > 0 else 0.0,
         }
+        if stats.label_tokens:  # else no loss: NaN is not a metric (messages reject it)
+            metrics["train_loss"] = stats.loss
         metrics.update(codec_metrics)
         if msg.config.get("eval_local"):
             metrics.update(self._eval_splits(["val"], prefix="local_"))

@@ -287,6 +287,14 @@ class DeployConfig(_Section):
     round_timeout_s: float = Field(default=600, gt=0)
     #: seconds to wait at start (and before a round that lacks clients) for SuperNodes to connect.
     join_timeout_s: float = Field(default=300, gt=0)
+    #: seconds a SuperNode has to say which clients it holds. One that stays silent is left out and
+    #: asked again after a back-off that doubles each time (up to 10 minutes), so a node that
+    #: connects but never answers does not hold up the run.
+    query_timeout_s: float = Field(default=30, gt=0)
+    #: only SuperNodes registered with their client ids (``fedtune deploy register --client-id``)
+    #: may hold clients. Without it a node registered under client ids may hold only those, and
+    #: an unnamed node may announce any id that no live node holds yet.
+    require_bound_clients: bool = False
     #: seconds between polls of the SuperLink for replies.
     poll_s: float = Field(default=0.2, gt=0)
 

@@ -16,6 +16,7 @@ wraps the whole serialised message in an envelope — again safetensors: one ``u
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -36,6 +37,14 @@ MAX_MESSAGE_BYTES = 4 << 30
 #: 12) plus room for header and metrics: the cap on what a compressed message may expand to.
 _BYTES_PER_ELEMENT = 16
 _HEADER_ROOM = 1 << 20
+#: metrics and config entries a message may carry, and the longest name or string value: what
+#: fedtune sends is a dozen short names; anything far beyond is not a fedtune message.
+MAX_ENTRIES = 64
+MAX_NAME = 64
+MAX_STRING = 1024
+#: largest integer accepted: counts never get near it, and every int up to it is exact as a float
+#: (the server divides and sums them as floats).
+MAX_INT = 2**53
 
 
 @dataclass
@@ -121,6 +130,45 @@ def _open_envelope(tensors: dict[str, torch.Tensor], raw_env: str, limit: int) -
     return COMPRESSOR_TYPES[name].decompress(tensors[_PAYLOAD].numpy().tobytes(), size)
 
 
+def _names(d: dict, what: str) -> None:
+    if len(d) > MAX_ENTRIES:
+        raise MessageError(f"{len(d)} {what} entries; at most {MAX_ENTRIES} are allowed")
+    for k in d:
+        if not 0 < len(k) <= MAX_NAME:
+            raise MessageError(f"{what} name {k[:MAX_NAME]!r} is empty or longer than {MAX_NAME} characters")
+
+
+def _is_number(v: Any) -> bool:
+    """A finite float or an int within ±MAX_INT (bool is not a number here)."""
+    if isinstance(v, bool):
+        return False
+    if isinstance(v, int):
+        return -MAX_INT <= v <= MAX_INT
+    return isinstance(v, float) and math.isfinite(v)
+
+
+def _check_metrics(metrics: dict) -> None:
+    """Metrics are what the server sums, divides and logs: finite numbers only, no null, no NaN
+    (a NaN loss would poison the round's pooled loss and metrics.jsonl), no strings or lists."""
+    _names(metrics, "metric")
+    for k, v in metrics.items():
+        if not _is_number(v):
+            raise MessageError(f"metric '{k}' is {repr(v)[:40]}: metrics must be finite numbers "
+                               f"(integers within ±2**53)")
+
+
+def _check_config(config: dict) -> None:
+    """Config (round, splits, flags) holds numbers, booleans, short strings or flat lists of them."""
+    _names(config, "config")
+
+    def scalar(v: Any) -> bool:
+        return isinstance(v, bool) or _is_number(v) or (isinstance(v, str) and len(v) <= MAX_STRING)
+
+    for k, v in config.items():
+        if not (scalar(v) or (isinstance(v, list) and len(v) <= MAX_ENTRIES and all(scalar(x) for x in v))):
+            raise MessageError(f"config '{k}' is not a number, boolean, short string or flat list of them")
+
+
 def decode(data: bytes, *, expect: Spec | None = None, allow_nonfinite: bool = False) -> Message:
     """Parse bytes strictly. ``expect`` maps names to (shape, dtype) the receiver requires.
 
@@ -146,9 +194,8 @@ def decode(data: bytes, *, expect: Spec | None = None, allow_nonfinite: bool = F
     delta = body.get("delta", False)
     if not isinstance(metrics, dict) or not isinstance(config, dict) or not isinstance(delta, bool):
         raise MessageError("message metadata: metrics and config must be objects, delta a boolean")
-    for k, v in metrics.items():
-        if v is not None and (not isinstance(v, (int, float)) or isinstance(v, bool)):
-            raise MessageError(f"metric '{k}' is not a number")
+    _check_metrics(metrics)
+    _check_config(config)
     max_elems = expected_elems if expected_elems is not None else MAX_MESSAGE_BYTES // 2
     tensors = decode_tensors(tensors, body.get("codecs", {}), expect=expect, max_elements=max_elems)
     if expect is not None:

@@ -450,7 +450,8 @@ def console_hooks(cfg: Config, echo, verbose: bool) -> RoundHooks:
         b = bar.get("b")
         if b is not None and kind == "fit":
             loss = r.message.metrics.get("train_loss") if r.message else None
-            b.set_postfix(client=r.cid, loss=f"{loss:.3f}" if loss is not None else "rejected")
+            shown = "rejected" if r.message is None else f"{loss:.3f}" if loss is not None else "-"  # no label tokens
+            b.set_postfix(client=r.cid, loss=shown)
             b.update(1)
 
     def end(rnd: int, row: dict[str, Any], client_rows: list[dict[str, Any]]) -> None:

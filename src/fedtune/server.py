@@ -153,7 +153,7 @@ class Server:
             client_rows[u.cid].update({k: m[k] for k in ("train_loss", "lr", "steps", "train_tokens",
                                                           "tokens_per_s", "skipped_nonfinite",
                                                           "step_seconds", "up_rel_error") if k in m})
-            if "local_val_tokens" in m and m["local_val_tokens"]:
+            if m.get("local_val_tokens") and "local_val_loss_sum" in m:  # a partial reply is no KeyError
                 client_rows[u.cid]["local_val_loss"] = m["local_val_loss_sum"] / m["local_val_tokens"]
         row: dict[str, Any] = {
             "round": rnd, "kind": "round", "clients": len(sampled), "rejected": len(replies) - len(ok),

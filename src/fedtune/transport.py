@@ -63,6 +63,27 @@ def handle_on_client(client, kind: str, data: bytes) -> bytes:
     return encode(answer)
 
 
+def check_reply_metrics(kind: str, metrics: dict[str, float]) -> None:
+    """What the server reads from a reply's metrics beyond "finite numbers" (which
+    :func:`~fedtune.messages.decode` ensures): token counts are non-negative integers, and a loss
+    sum comes with the token count it is divided by. An evaluation reply holds nothing else
+    (``<split>_loss_sum`` and ``<split>_tokens`` pairs); a fit reply's ``local_*`` evaluation of
+    the client's own adapter comes in the same pairs."""
+    for k, v in metrics.items():
+        if k.endswith("_tokens") and (not isinstance(v, int) or v < 0):
+            raise MessageError(f"metric '{k}' is {v!r}: a token count must be a non-negative integer")
+    sums = {k[: -len("_loss_sum")] for k in metrics if k.endswith("_loss_sum")}
+    counts = {k[: -len("_tokens")] for k in metrics if k.endswith("_tokens")}
+    if kind == "evaluate":
+        unpaired = set(metrics) ^ {f"{p}_{s}" for p in sums & counts for s in ("loss_sum", "tokens")}
+    else:
+        unpaired = {f"{p}_loss_sum" for p in sums - counts}
+        unpaired |= {f"{p}_tokens" for p in counts if p.startswith("local_") and p not in sums}
+    if unpaired:
+        raise MessageError(f"{kind} reply metrics {sorted(unpaired)[:4]} are unpaired or unknown "
+                           "(<name>_loss_sum and <name>_tokens go together; an evaluation holds only such pairs)")
+
+
 def parse_reply(cid: str, kind: str, up: bytes | None, *, bytes_down: int, seconds: float,
                 expect: Spec | None = None, error: str | None = None) -> Reply:
     """Server side: parse a client's reply strictly; a bad or missing reply becomes a rejected
@@ -73,6 +94,7 @@ def parse_reply(cid: str, kind: str, up: bytes | None, *, bytes_down: int, secon
     try:
         # an evaluate reply carries metrics only: expecting no tensors also caps its size
         parsed = decode(up, expect=expect if kind == "fit" else {})
+        check_reply_metrics(kind, parsed.metrics)
         return Reply(cid, parsed, bytes_down, len(up), seconds)
     except MessageError as e:
         log.warning("rejected %s reply from client %s: %s", kind, cid, e)

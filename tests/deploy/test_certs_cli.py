@@ -48,6 +48,39 @@ def test_flower_command_lines(tmp_path):
     assert sn[sn.index("--superlink") + 1] == "10.0.0.1:9093"
     with pytest.raises(Exception, match="not found"):
         deploy.supernode_command("10.0.0.1:9093", tmp_path / "nope.crt", "a")
+    # the node's policy travels in its own node config, read back exactly as Flower parses it
+    from flwr.common.config import parse_config_args
+
+    from fedtune.flower.node import NodePolicy
+
+    sn = deploy.supernode_command("10.0.0.1:9093", tmp_path / "ca.crt", "a", allow_remote_code=True,
+                                  model_dirs=["/srv/models", "/opt/llm"], data_dir="/srv/data",
+                                  cache_dir="/var/cache/ft", max_world_size=2)
+    policy = NodePolicy.from_node_config(parse_config_args([sn[sn.index("--node-config") + 1]]))
+    assert policy == NodePolicy(allow_remote_code=True, model_dirs=("/srv/models", "/opt/llm"), data_dir="/srv/data",
+                                cache_dir="/var/cache/ft", max_world_size=2)
+    plain = deploy.supernode_command("10.0.0.1:9093", tmp_path / "ca.crt", "a")
+    assert NodePolicy.from_node_config(parse_config_args([plain[plain.index("--node-config") + 1]])) == NodePolicy()
+    assert deploy.register_command(tmp_path / "ca.crt", " a, b ")[-2:] == ["--name", "a,b"]
+
+
+def test_stale_worker_socket_dirs_are_removed_at_start(tmp_path):
+    """A SIGKILLed `fedtune deploy supernode` leaves its worker's socket directory behind; the next
+    one removes those whose process is gone (and nothing else)."""
+    import os
+    import subprocess
+    import sys
+
+    gone = subprocess.Popen([sys.executable, "-c", "pass"])
+    gone.wait()  # a pid that no longer runs
+    dead = tmp_path / f"{deploy.WORKER_DIR_PREFIX}{gone.pid}-abc123"
+    live = tmp_path / f"{deploy.WORKER_DIR_PREFIX}{os.getpid()}-def456"
+    other = tmp_path / "fedtune-something-else"
+    for d in (dead, live, other):
+        d.mkdir()
+        (d / "worker.sock").write_text("")
+    assert deploy.clean_stale_worker_dirs(tmp_path) == [dead]
+    assert not dead.exists() and live.exists() and other.exists()
 
 
 def test_submit_writes_a_flower_app_carrying_the_config(tmp_path):
@@ -66,3 +99,17 @@ def test_submit_writes_a_flower_app_carrying_the_config(tmp_path):
     assert flwr["config"]["resume"] == "/srv/runs/x"
     with pytest.raises(Exception, match="global"):
         deploy.submit(load_config(None, ["fl.scenario=global"]), "127.0.0.1:1", tmp_path / "ca.crt")
+
+
+def test_eval_tasks_are_refused_before_a_deployment_starts(tmp_path, capsys):
+    """eval.tasks is simulation-only for now: one clear error at submit (exit 2), not a run that
+    silently skips the benchmarks; the ServerApp refuses it too (a plain `flwr run`)."""
+    from fedtune.flower.server_app import run_deployed
+
+    cfg_file = tmp_path / "cfg.yaml"
+    cfg_file.write_text("model: {name: tiny-llama}\neval: {tasks: [gsm8k]}\n")
+    assert main(["deploy", "submit", str(cfg_file), "--superlink", "127.0.0.1:1", "--ca", str(tmp_path / "ca.crt")]) == 2
+    err = capsys.readouterr().err
+    assert "eval.tasks" in err and "simulation only" in err and "Traceback" not in err
+    with pytest.raises(Exception, match="simulation only"):
+        run_deployed(load_config(None, ["eval.tasks=[gsm8k]", f"output.dir={tmp_path / 'run'}"]), grid=None)

@@ -1,7 +1,8 @@
 """Real deployments on loopback: a SuperLink and SuperNodes started with `fedtune deploy`, TLS on,
 talking over 127.0.0.1 only. Every process is killed in a finally block (see harness.py).
 
-* parity: 3 SuperNodes, 2 rounds of a tiny model: the final global adapter equals the in-process
+* parity: 3 SuperNodes, 2 rounds of a tiny model with lossy codecs both ways (up: top-k 10% + int8
+  + zstd with error feedback, down: int4 + zstd): the final global adapter equals the in-process
   simulation of the same config (to 1e-6; in practice bit for bit);
 * node authentication: an unregistered SuperNode is refused;
 * faults: a SuperNode killed mid-round does not stop the run and rejoins after a restart; a
@@ -16,8 +17,10 @@ import socket
 import ssl
 import subprocess
 import sys
+import tempfile
 import time
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 
 import pytest
 import torch
@@ -26,6 +29,7 @@ from safetensors.torch import load_file
 from fedtune.config import load_config
 from fedtune.run import run
 
+from fedtune.flower.deploy import WORKER_DIR_PREFIX
 from fedtune.flower.loopback import HOST, Deployment, round_rows, wait_for_run, wait_until
 
 NODES = ("alpha", "beta", "gamma")  # the meta splitter's clients of the toy data, in its order
@@ -47,19 +51,24 @@ train: {{lr: 0.01, batch_size: 2, local_steps: 3, scheduler: linear, warmup_step
 fl: {{rounds: 2}}
 eval: {{every: 0}}  # evaluate after the last round only: fewer exchanges, a faster test
 checkpoint: {{every: 1}}
+# lossy both ways, with the clients' error-feedback residual in their state (a resumed run must
+# pick it up from the SuperNode's state dir): deployment and simulation must still agree exactly
+comm: {{up: [topk, int8, zstd], down: [int4, zstd], topk_fraction: 0.1, error_feedback: true}}
 output: {{tensorboard: false, progress: false}}
-deploy: {{join_timeout_s: 240, round_timeout_s: 240}}
+deploy: {{join_timeout_s: 240, round_timeout_s: 240, query_timeout_s: 60}}
 """)
     return cfg
 
 
 @pytest.fixture
 def deployment(tmp_path):
-    dep = Deployment(tmp_path / "deploy")
+    # the run names its data file by path: each SuperNode allows the directory holding it
+    dep = Deployment(tmp_path / "deploy", node_args=["--data-dir", str(tmp_path)])
     try:
         yield dep
     finally:
         dep.close()
+        assert not dep.survivors(), f"processes outlived the test: {dep.survivors()}"
 
 
 def _simulate(cfg_file, tmp_path, overrides=()):
@@ -89,7 +98,7 @@ def _start(dep, nodes=NODES):
     dep.wait_connected(nodes)  # the run takes the clients connected when it starts
 
 
-@pytest.mark.slow
+@pytest.mark.deploy
 def test_deployment_matches_simulation_over_tls(toy, tmp_path, deployment, reference):
     t0 = time.monotonic()
     _start(deployment)
@@ -120,12 +129,12 @@ def test_deployment_matches_simulation_over_tls(toy, tmp_path, deployment, refer
     print(f"\nloopback deployment (start + 2 rounds): {deployed_s:.1f}s")
 
 
-@pytest.mark.slow
+@pytest.mark.deploy
 def test_unregistered_supernodes_are_refused(tmp_path):
     dep = Deployment(tmp_path / "auth", auth=True, nodes=("alpha", "mallory"))
     try:
         dep.start_superlink()
-        dep.register("alpha")
+        dep.register("alpha", client_ids="alpha")  # the key is bound to client id alpha
         dep.start_supernode("alpha", key="alpha", extra=["--no-worker"])
         no_key = dep.start_supernode("mallory", extra=["--no-worker"])
         unregistered = dep.start_supernode("mallory2", key="mallory", extra=["--no-worker"])
@@ -142,15 +151,41 @@ def test_unregistered_supernodes_are_refused(tmp_path):
             return [n for n in nodes if n["status"] == "online"]
         assert len(wait_until(online, 120, "the registered SuperNode online")) == 1
         assert dep.procs["alpha"].poll() is None
+        # the binding is the node's registered name, kept by the SuperLink with its key; the
+        # ServerApp reads it with the node id (Grid.get_nodes -> NodeInfo.name)
+        import sqlite3
+
+        with sqlite3.connect(dep.root / "superlink.db") as db:  # one key registered: alpha's
+            assert [r[0] for r in db.execute("SELECT name FROM node")] == ["alpha"]
     finally:
         dep.close()
+        assert not dep.survivors(), f"processes outlived the test: {dep.survivors()}"
+
+
+@pytest.mark.deploy
+def test_a_taken_port_is_replaced_and_readiness_is_the_superlinks_own(tmp_path):
+    """Another process grabs the port picked for the SuperLink before it binds: the harness must
+    not take that process's listening socket for the SuperLink (a connect test would), and starts
+    the SuperLink again on a fresh port."""
+    dep = Deployment(tmp_path / "ports")
+    with socket.socket() as squatter:
+        squatter.bind((HOST, dep.port))
+        squatter.listen()
+        taken = dep.port
+        try:
+            dep.start_superlink()
+            assert dep.port != taken and dep._listening("superlink", dep.port)
+            assert "address already in use" in (dep.logs / "superlink.log").read_text()
+        finally:
+            dep.close()
+    assert not dep.survivors()
 
 
 def _node_log_has(dep, name, pattern):
     return re.search(pattern, dep.log(name), re.S) is not None
 
 
-@pytest.mark.slow
+@pytest.mark.deploy
 def test_supernode_killed_mid_round_then_rejoins(toy, tmp_path, deployment):
     run_dir = tmp_path / "faults"
     _start(deployment)
@@ -159,8 +194,13 @@ def test_supernode_killed_mid_round_then_rejoins(toy, tmp_path, deployment):
     # kill gamma's whole SuperNode (worker, SuperNode, SuperExec, ClientApp) once it holds round 2's fit
     wait_until(lambda: _node_log_has(deployment, "gamma", r"ROUND 2\][^\n]*\n[^\n]*Receiving: train"), 400,
                "gamma to receive round 2")
+    killed = deployment.procs["gamma"].pid
     deployment.kill("gamma")
+    stale = list(Path(tempfile.gettempdir()).glob(f"{WORKER_DIR_PREFIX}{killed}-*"))
+    assert stale  # a SIGKILLed `fedtune deploy supernode` cannot remove its worker's socket dir ...
     deployment.start_supernode("gamma")  # same state dir: it comes back as a new Flower node
+    deployment.wait_connected(["gamma"])
+    assert not any(p.exists() for p in stale)  # ... the next one on this machine does
     wait_for_run(run_dir, 600, deployment)
     rows = [r for r in round_rows(run_dir) if r["kind"] == "client"]
     by = {(r["round"], r["client"]): r for r in rows}
@@ -172,7 +212,7 @@ def test_supernode_killed_mid_round_then_rejoins(toy, tmp_path, deployment):
     assert (run_dir / "adapter" / "adapter_model.safetensors").is_file()
 
 
-@pytest.mark.slow
+@pytest.mark.deploy
 def test_server_restart_resumes_from_last_checkpoint(toy, tmp_path, deployment, reference):
     run_dir = tmp_path / "resumed"
     _start(deployment)

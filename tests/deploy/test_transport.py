@@ -2,6 +2,7 @@
 delivers Flower messages to the real ClientApp in this process (as Flower's InMemoryGrid would)."""
 
 import json
+import os
 
 import pytest
 import torch
@@ -30,11 +31,17 @@ class FakeGrid:
 
     def __init__(self):
         self.nodes = {}
+        self.names = {}  # node id -> registered name (fedtune deploy register --client-id)
         self.replies = {}
         self.pushed = []
 
     def get_node_ids(self):
         return list(self.nodes)
+
+    def get_nodes(self):
+        from flwr.proto.node_pb2 import NodeInfo
+
+        return [NodeInfo(node_id=n, name=self.names.get(n, "")) for n in self.get_node_ids()]
 
     def push_messages(self, msgs):
         ids = []
@@ -154,14 +161,148 @@ def test_a_node_whose_query_errs_is_asked_again_soon_not_after_the_join_timeout(
     cids, _ = t.discover()
     assert cids == ["a", "b", "c"]  # not a run of a and b alone after 240 s
     assert clock.t < 10
-    # a node that never answers keeps the long back-off, so it cannot hold up every exchange
-    g2, clock2 = FakeGrid(), FakeClock()
-    g2.nodes = {1: echo_node(["a"]), 2: lambda m: None}
-    t2 = FlowerTransport(g2, DeployConfig(poll_s=0.2, join_timeout_s=30), sleep=clock2.sleep, clock=clock2)
-    assert t2.discover()[0] == ["a"]
-    n = len(g2.pushed)
-    t2.refresh()
-    assert len(g2.pushed) == n  # not asked again before join_timeout_s has passed
+
+
+def test_a_silent_node_costs_the_query_timeout_once_then_backs_off():
+    """A SuperNode that connects but never answers: the run starts after deploy.query_timeout_s
+    (not the 300 s join timeout), and it is asked again after 30, 60, 120 ... s, not before every
+    exchange."""
+    g, clock = FakeGrid(), FakeClock()
+    g.nodes = {1: echo_node(["a"]), 2: echo_node(["b"]), 3: lambda m: None}
+    t = FlowerTransport(g, DeployConfig(poll_s=0.2, join_timeout_s=300, query_timeout_s=30),
+                        sleep=clock.sleep, clock=clock)
+    assert t.discover()[0] == ["a", "b"]
+    assert 30 <= clock.t < 35  # one query timeout, not the join timeout
+
+    def queries_to_3():
+        return sum(m.metadata.dst_node_id == 3 and m.metadata.message_type == "query" for m in g.pushed)
+    msg = Message({"w": torch.zeros(1)}, config={"round": 1})
+    asked_at = []
+    for _ in range(40):  # exchanges every ~10 s of fake time
+        before = queries_to_3()
+        t.send("fit", {"a": msg, "b": msg})
+        if queries_to_3() > before:
+            asked_at.append(round(clock.t))
+        clock.t += 10
+    gaps = [b - a for a, b in zip(asked_at, asked_at[1:])]
+    assert len(asked_at) >= 3 and all(b > a for a, b in zip(gaps, gaps[1:]))  # the back-off grows
+    assert queries_to_3() < 10  # 40 exchanges, a handful of queries
+
+
+def _reply(m, fields):
+    return FMessage(RecordDict({RECORD: ConfigRecord(fields)}), reply_to=m)
+
+
+@pytest.mark.parametrize("fields,needle", [
+    ({"cid": "a", "payload": [256]}, "payload"),
+    ({"cid": "a", "payload": -1}, "payload"),
+    ({"cid": "a", "payload": 10**15}, "payload"),  # bytes(10**15) would try to allocate a petabyte
+    ({"cid": "a", "payload": 3 * 10**9}, "payload"),
+    ({"cid": "a", "payload": "text"}, "payload"),
+    ({"cid": 5, "payload": b""}, "names client"),
+    ({"cid": "b", "payload": b""}, "names client 'b'"),
+    ({"payload": b""}, "without a fedtune record"),
+])
+def test_hostile_record_fields_from_a_supernode_are_rejected(fields, needle):
+    g = FakeGrid()
+    ok = echo_node(["a"])
+    g.nodes = {1: lambda m: ok(m) if m.metadata.message_type == "query" else _reply(m, fields)}
+    t = FlowerTransport(g, dcfg(min_clients=1), sleep=lambda s: None)
+    t.discover()
+    (r,) = t.send("evaluate", {"a": Message(config={"round": 1})})
+    assert r.message is None and needle in r.error
+
+
+@pytest.mark.parametrize("clients", [
+    "[" * 100_000 + "]" * 100_000,  # json.loads: RecursionError
+    json.dumps({"a": 10**400}),  # FedAvg weight: OverflowError in float()
+    json.dumps({"a": 2**53 + 1}), json.dumps({"a": -1}), json.dumps({"a": True}), json.dumps({"a": 1.5}),
+    json.dumps({"": 1}), json.dumps({"x" * 200: 1}), json.dumps({"a\nb": 1}),
+    json.dumps({f"c{i}": 1 for i in range(2000)}), "9" * 5000, "not json", " " * (2 << 20),
+])
+def test_hostile_client_lists_are_refused_and_logged(clients, caplog):
+    g = FakeGrid()
+    g.nodes = {1: echo_node(["ok"]),
+               2: lambda m: _reply(m, {"clients": clients}) if m.metadata.message_type == "query" else None}
+    t = FlowerTransport(g, dcfg(), sleep=lambda s: None)
+    cids, num = t.discover()
+    assert cids == ["ok"] and num == {"ok": 10}
+    assert "SuperNode 2 sent an unusable client list" in caplog.text
+
+
+def test_hostile_instruction_fields_are_refused_by_the_client_app():
+    from fedtune.flower.client_app import _instruction
+    from fedtune.messages import MessageError
+
+    for fields in ({"cid": "a", "round": 1, "payload": 10**15}, {"cid": "a", "round": 1, "payload": [256]},
+                   {"cid": "a", "round": "1", "payload": b""}, {"cid": "a", "round": True, "payload": b""},
+                   {"cid": 7, "round": 1, "payload": b""}, {"cid": "a", "round": -1, "payload": b""}):
+        m = FMessage(RecordDict({RECORD: ConfigRecord(fields)}), 5, "train")
+        with pytest.raises(MessageError):
+            _instruction(m)
+    m = FMessage(RecordDict({RECORD: ConfigRecord({"cid": "a", "round": 3, "payload": b"xy"})}), 5, "train")
+    assert _instruction(m) == ("a", 3, b"xy")
+
+
+def test_a_client_id_stays_with_its_first_live_node(caplog):
+    """A second SuperNode announcing a client id that a live node holds is refused (and logged); it
+    takes over only once the holder has left the SuperLink's live list."""
+    g = FakeGrid()
+    g.nodes = {1: echo_node(["a"], scale=1.0), 2: echo_node(["b"])}
+    t = FlowerTransport(g, dcfg(), sleep=lambda s: None)
+    assert t.discover()[0] == ["a", "b"]
+    g.nodes[9] = echo_node(["a"], scale=5.0)  # an impostor announcing 'a'
+    msg = Message({"w": torch.ones(1)}, config={"round": 1})
+    r = {x.cid: x for x in t.send("fit", {"a": msg, "b": msg})}
+    assert t.node_of["a"] == 1 and torch.equal(r["a"].message.tensors["w"], torch.ones(1))
+    assert "SuperNode 9 announces client a, which live SuperNode 1 holds: refused" in caplog.text
+    n = len(g.pushed)
+    t.send("fit", {"a": msg, "b": msg})
+    assert len(g.pushed) == n + 2  # the refused claim is not probed again each exchange
+    del g.nodes[1]  # the holder leaves: the other claimant takes over
+    t.send("fit", {"a": msg, "b": msg})
+    assert t.node_of["a"] == 9
+
+
+def test_a_restarted_node_takes_over_from_its_silent_old_id():
+    """A SuperNode restarted without authentication comes back under a new node id while the old
+    one is still in the live list (until its heartbeat lapses): the old id is probed, does not
+    answer within deploy.query_timeout_s, and the new node takes the client over."""
+    g, clock = FakeGrid(), FakeClock()
+    g.nodes = {1: echo_node(["a"]), 2: echo_node(["b"])}
+    t = FlowerTransport(g, DeployConfig(poll_s=0.5, join_timeout_s=300, query_timeout_s=10),
+                        sleep=clock.sleep, clock=clock)
+    assert t.discover()[0] == ["a", "b"]
+    g.nodes[1] = lambda m: None  # killed: still listed, never answers
+    g.nodes[3] = echo_node(["a"])  # restarted
+    t0 = clock.t
+    msg = Message({"w": torch.ones(1)}, config={"round": 2})
+    assert all(r.message is not None for r in t.send("fit", {"a": msg, "b": msg}))
+    assert t.node_of["a"] == 3 and clock.t - t0 <= 10 + 2
+    # killed mid-round: its fit times out, then its restart takes over at once (no probe needed)
+    g.nodes[3] = lambda m: None if m.metadata.message_type != "query" else echo_node(["a"])(m)
+    t = FlowerTransport(g, DeployConfig(poll_s=0.5, join_timeout_s=300, query_timeout_s=10, round_timeout_s=30,
+                                        min_clients=1), sleep=clock.sleep, clock=clock)
+    g.nodes.pop(1)
+    assert t.discover()[0] == ["a", "b"] and t.node_of["a"] == 3
+    r = {x.cid: x for x in t.send("fit", {"a": msg, "b": msg})}
+    assert r["a"].message is None and "no reply within" in r["a"].error
+    g.nodes[3] = lambda m: None  # dead, still listed
+    g.nodes[4] = echo_node(["a"])
+    t0 = clock.t
+    assert all(x.message is not None for x in t.send("fit", {"a": msg, "b": msg}))
+    assert t.node_of["a"] == 4 and clock.t - t0 < 10  # not even one query timeout spent on the old id
+
+
+def test_a_key_registered_for_client_ids_binds_its_node_to_them(caplog):
+    g = FakeGrid()
+    g.nodes = {1: echo_node(["a", "b"]), 2: echo_node(["c"]), 3: echo_node(["d"])}
+    g.names = {1: "a", 2: "c"}  # fedtune deploy register KEY.pub --client-id a
+    t = FlowerTransport(g, dcfg(), sleep=lambda s: None)
+    assert t.discover()[0] == ["a", "c", "d"]  # node 1 may not hold 'b'
+    assert "registered for ['a'] but announces ['b']" in caplog.text
+    t2 = FlowerTransport(g, dcfg(require_bound_clients=True), sleep=lambda s: None)
+    assert t2.discover()[0] == ["a", "c"]  # the unregistered node 3 holds nothing
 
 
 def test_a_resumed_run_waits_for_its_checkpointed_clients():
@@ -248,7 +389,8 @@ def test_client_app_in_process_matches_the_simulated_client(toy_cfg, tmp_path):
     from fedtune.transport import handle_on_client
 
     cfg_json = json.dumps(toy_cfg.to_dict())
-    ctx = Context(run_id=1, node_id=5, node_config={"client-id": "beta", "state-dir": str(tmp_path / "st")},
+    ctx = Context(run_id=1, node_id=5, node_config={"client-id": "beta", "state-dir": str(tmp_path / "st"),
+                                                    "data-dir": str(tmp_path)},
                   state=RecordDict(), run_config={"fedtune-config": cfg_json})
     base = load_model(toy_cfg.model)
     tok = load_client_data(toy_cfg, base[1])
@@ -320,3 +462,84 @@ def test_a_clustered_node_trains_each_client_on_two_processes_like_one(toy_cfg, 
     assert max(a.tensors[k].abs().max().item() for k in a.tensors if "lora_B" in k) > 1e-4  # B starts at 0: it trained
     assert b.metrics["train_tokens"] == a.metrics["train_tokens"]  # counted over both ranks
     assert b.metrics["train_loss"] == pytest.approx(a.metrics["train_loss"], rel=1e-4)
+
+
+# ---- the SuperNode's own policy: what a submitted run may do on the organisation's machine -------
+def _node(nc=None, **kw):
+    return NodeSpec.from_node_config({"client-id": "alpha", **(nc or {})})
+
+
+def test_node_policy_refuses_what_the_node_did_not_allow(tmp_path, monkeypatch):
+    from fedtune.flower.node import PolicyError
+
+    monkeypatch.delenv("FEDTUNE_DATA_DIR", raising=False)
+    data_dir, elsewhere = tmp_path / "data", tmp_path / "elsewhere"
+    (data_dir / "sub").mkdir(parents=True)
+    elsewhere.mkdir()
+    (data_dir / "sub" / "toy.jsonl").write_text("{}\n")
+    (elsewhere / "secret.jsonl").write_text("{}\n")
+    (data_dir / "link.jsonl").symlink_to(elsewhere / "secret.jsonl")  # a link may not lead outside
+    models = tmp_path / "models"
+    (models / "m").mkdir(parents=True)
+    (tmp_path / "other-model").mkdir()
+
+    def cfg(*over):
+        return load_config(None, ["model.name=tiny-llama", "data.source=sub/toy.jsonl", "data.num_clients=3",
+                                  *over])
+    spec = _node({"data-dir": str(data_dir)})
+    for over, needle in [(["model.trust_remote_code=true"], "--allow-remote-code"),
+                         ([f"model.name={tmp_path / 'other-model'}"], "--model-dir"),
+                         ([f"model.name={models / 'm'}"], "--model-dir"),  # no model dirs allowed yet
+                         (["train.world_size=2"], "--max-world-size"),
+                         ([f"data.source={elsewhere / 'secret.jsonl'}"], "--data-dir"),
+                         (["data.source=../elsewhere/secret.jsonl"], "--data-dir"),
+                         (["data.source=link.jsonl"], "--data-dir"),
+                         (["data.source=/etc/passwd"], "--data-dir")]:
+        with pytest.raises(PolicyError, match=needle):
+            spec.policy.apply(cfg(*over), spec)
+    # the node's own options allow them; paths the server names are replaced by the node's
+    ok = _node({"data-dir": str(data_dir), "allow-remote-code": "true", "model-dirs": str(models),
+                "max-world-size": "2", "cache-dir": str(tmp_path / "cache")})
+    got = ok.policy.apply(cfg("model.trust_remote_code=true", f"model.name={models / 'm'}", "train.world_size=2",
+                              "data.data_dir=/srv/server-chose-this", "data.cache_dir=/tmp/server-cache",
+                              "model.cache_dir=/tmp/server-models"), ok)
+    assert got.data.source == str((data_dir / "sub" / "toy.jsonl").resolve())
+    assert got.data.data_dir == str(data_dir) and got.data.cache_dir == str(tmp_path / "cache" / "tokenized")
+    assert got.model.cache_dir == str(tmp_path / "cache" / "models") and got.train.world_size == 2
+    plain = _node()  # no options: built-in names and hub ids only; caches and data dir are the node's defaults
+    got = plain.policy.apply(load_config(None, ["model.name=HuggingFaceTB/SmolLM2-135M", "data.preset=fed-dolly",
+                                                "data.cache_dir=/tmp/x", "data.data_dir=/tmp/y"]), plain)
+    assert got.data.cache_dir is None and got.data.data_dir is None and got.model.cache_dir is None
+    own = _node({"data": str(elsewhere / "secret.jsonl")})  # a node with its own file ignores data.source
+    assert own.policy.apply(cfg("data.source=/etc/passwd"), own).data.source == "/etc/passwd"
+    with pytest.raises(Exception, match="max-world-size"):
+        _node({"max-world-size": "zero"})
+
+
+def test_a_refusing_node_answers_the_query_with_its_reason(toy_cfg, tmp_path, caplog):
+    """Through the real ClientApp (in process and over the warm worker's socket): the refusal is
+    the query's answer, before any model is loaded; the server logs it and does not wait for it."""
+    import threading
+
+    from fedtune.flower.node import PolicyError, serve_worker
+
+    bad = json.dumps(toy_cfg.model_copy(update={"model": toy_cfg.model.model_copy(
+        update={"trust_remote_code": True})}).to_dict())
+    ctx = Context(run_id=1, node_id=5, node_config={"client-id": "beta", "data-dir": str(tmp_path)},
+                  state=RecordDict(), run_config={"fedtune-config": bad})
+    q = FMessage(RecordDict({RECORD: ConfigRecord({"payload": b""})}), 5, "query")
+    q.metadata.__dict__["_message_id"] = "q"
+    reply = client_app(q, ctx)
+    assert "trust_remote_code" in reply.content[RECORD]["refused"]
+    sock = str(tmp_path / "w.sock")
+    threading.Thread(target=serve_worker, args=(sock,), kwargs={"ready_file": sock + ".ready"}, daemon=True).start()
+    import time as _t
+    while not os.path.exists(sock + ".ready"):
+        _t.sleep(0.05)
+    with pytest.raises(PolicyError, match="allow-remote-code"):
+        ask_worker(sock, {"op": "describe", "config": bad, "node_config": {"client-id": "beta"}})
+    g = FakeGrid()
+    g.nodes = {1: echo_node(["a"]), 2: lambda m: client_app(m, ctx) if m.metadata.message_type == "query" else None}
+    t = FlowerTransport(g, dcfg(), sleep=lambda s: None)
+    assert t.discover()[0] == ["a"]
+    assert "SuperNode 2 refuses this run" in caplog.text and "allow-remote-code" in caplog.text

@@ -12,7 +12,9 @@ import json
 from flwr.app import ConfigRecord, Context, Message, RecordDict
 from flwr.clientapp import ClientApp
 
+from fedtune.errors import MessageError
 from fedtune.flower import RECORD
+from fedtune.flower.node import PolicyError
 
 app = ClientApp()
 _cache = None  # the in-process NodeHandler cache (Flower 1.41 starts one process per message)
@@ -33,11 +35,27 @@ def _answer(header: dict, payload: bytes, context: Context) -> tuple[dict, bytes
     return answer(_cache, header, payload)
 
 
-def _exchange(msg: Message, context: Context, op: str) -> Message:
+def _instruction(msg: Message) -> tuple[str, int, bytes]:
+    """``(client id, round, message bytes)`` of a fit/evaluate instruction, with the types fedtune
+    sends and nothing converted (``bytes(10**15)`` would allocate a petabyte)."""
+    from fedtune.flower.transport import MAX_CID
+    from fedtune.messages import MAX_MESSAGE_BYTES
+
     rec = msg.content[RECORD]
-    header = {"op": op, "cid": str(rec["cid"]), "round": int(rec["round"])}
-    _, out = _answer(header, bytes(rec["payload"]), context)
-    return Message(RecordDict({RECORD: ConfigRecord({"cid": header["cid"], "payload": out})}), reply_to=msg)
+    cid, rnd, payload = rec["cid"], rec["round"], rec["payload"]
+    if not isinstance(cid, str) or not 0 < len(cid) <= MAX_CID:
+        raise MessageError("instruction without a client id")
+    if not isinstance(rnd, int) or isinstance(rnd, bool) or not 0 <= rnd < 2**31:
+        raise MessageError("instruction without a round number")
+    if not isinstance(payload, bytes) or len(payload) > MAX_MESSAGE_BYTES:
+        raise MessageError(f"instruction payload is not a message of at most {MAX_MESSAGE_BYTES} bytes")
+    return cid, rnd, payload
+
+
+def _exchange(msg: Message, context: Context, op: str) -> Message:
+    cid, rnd, payload = _instruction(msg)
+    _, out = _answer({"op": op, "cid": cid, "round": rnd}, payload, context)
+    return Message(RecordDict({RECORD: ConfigRecord({"cid": cid, "payload": out})}), reply_to=msg)
 
 
 @app.train()
@@ -52,6 +70,11 @@ def evaluate(msg: Message, context: Context) -> Message:
 
 @app.query()
 def query(msg: Message, context: Context) -> Message:
-    """Which fedtune clients this node holds and their training-set sizes."""
-    reply, _ = _answer({"op": "describe"}, b"", context)
+    """Which fedtune clients this node holds and their training-set sizes, or why this node refuses
+    the run (its own policy: see :class:`fedtune.flower.node.NodePolicy`) — said once, plainly,
+    rather than as a ClientApp exception the server would keep retrying."""
+    try:
+        reply, _ = _answer({"op": "describe"}, b"", context)
+    except PolicyError as e:
+        return Message(RecordDict({RECORD: ConfigRecord({"refused": str(e)})}), reply_to=msg)
     return Message(RecordDict({RECORD: ConfigRecord({"clients": json.dumps(reply["clients"])})}), reply_to=msg)

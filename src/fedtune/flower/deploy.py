@@ -95,18 +95,23 @@ def superlink_command(certs: Path, *, host: str = "0.0.0.0", port: int = 9093, a
 
 
 def node_config(client_id: str, *, data: str | None = None, state_dir: str | None = None,
-                worker: str | None = None) -> str:
-    """``--node-config`` text: space-separated ``key=value`` with TOML (here JSON-compatible) strings."""
-    items = {"client-id": client_id, "data": data, "state-dir": state_dir, "worker": worker}
+                worker: str | None = None, allow_remote_code: bool = False, model_dirs: list[str] = (),
+                data_dir: str | None = None, cache_dir: str | None = None, max_world_size: int = 1) -> str:
+    """``--node-config`` text: space-separated ``key=value`` with TOML (here JSON-compatible) strings.
+    The keys after ``worker`` are the node's policy (:class:`fedtune.flower.node.NodePolicy`)."""
+    items = {"client-id": client_id, "data": data, "state-dir": state_dir, "worker": worker,
+             "allow-remote-code": "true" if allow_remote_code else None,
+             "model-dirs": os.pathsep.join(model_dirs) or None, "data-dir": data_dir, "cache-dir": cache_dir,
+             "max-world-size": max_world_size if max_world_size != 1 else None}
     return " ".join(f"{k}={json.dumps(str(v))}" for k, v in items.items() if v)
 
 
 def supernode_command(superlink: str, ca: str | Path, client_id: str, *, runtime_port: int = 9094,
-                      data: str | None = None, state_dir: str | None = None, worker: str | None = None,
-                      key: str | Path | None = None) -> list[str]:
+                      key: str | Path | None = None, **node) -> list[str]:
+    """``flower-supernode`` for one organisation; ``node``: :func:`node_config`'s keywords."""
     cmd = [_exe("flower-supernode"), "--root-certificates", _need_file(ca, "CA certificate"),
            "--superlink", superlink, "--port", str(runtime_port),
-           "--node-config", node_config(client_id, data=data, state_dir=state_dir, worker=worker)]
+           "--node-config", node_config(client_id, **node)]
     if key is not None:
         cmd += ["--auth-supernode-private-key", _need_file(key, "SuperNode private key")]
     return cmd
@@ -118,17 +123,71 @@ def worker_command(socket_path: str, ready_file: str | None = None) -> list[str]
     return cmd + (["--ready-file", ready_file] if ready_file else [])
 
 
+#: a warm worker's socket lives in ``<tmp>/fedtune-worker-<pid of fedtune deploy supernode>-XXXX``
+#: (a short path: Unix socket paths are limited to ~100 bytes, too few for many state dirs)
+WORKER_DIR_PREFIX = "fedtune-worker-"
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # someone else's process
+        return True
+    return True
+
+
+def clean_stale_worker_dirs(tmp: str | Path | None = None) -> list[Path]:
+    """Remove this user's worker socket directories whose ``fedtune deploy supernode`` is gone (a
+    SIGKILLed one cannot clean up after itself); return them."""
+    import re
+
+    removed = []
+    for d in Path(tmp or tempfile.gettempdir()).glob(WORKER_DIR_PREFIX + "*"):
+        m = re.fullmatch(re.escape(WORKER_DIR_PREFIX) + r"(\d+)-\w+", d.name)
+        try:
+            mine = d.is_dir() and not d.is_symlink() and d.stat().st_uid == os.getuid()
+        except OSError:
+            continue
+        if m and mine and not _alive(int(m.group(1))):
+            shutil.rmtree(d, ignore_errors=True)
+            removed.append(d)
+    return removed
+
+
+def _dirs(paths, what: str) -> list[str]:
+    out = []
+    for d in paths:
+        p = Path(d).expanduser().resolve()
+        if not p.is_dir():
+            raise FedtuneError(f"{what} '{d}' is not a directory")
+        out.append(str(p))
+    return out
+
+
 def run_supernode(superlink: str, ca: str | Path, client_id: str, *, runtime_port: int = 9094,
                   data: str | None = None, state_dir: str | None = None, key: str | Path | None = None,
-                  warm: bool = True, echo=print) -> int:
+                  warm: bool = True, allow_remote_code: bool = False, model_dirs: list[str] = (),
+                  data_dir: str | None = None, cache_dir: str | None = None, max_world_size: int = 1,
+                  echo=print) -> int:
     """Start the warm worker (unless ``warm`` is False) and ``flower-supernode``; return when the
-    SuperNode exits (or on SIGTERM/SIGINT, after stopping both)."""
+    SuperNode exits (or on SIGTERM/SIGINT, after stopping both). ``allow_remote_code``,
+    ``model_dirs``, ``data_dir``, ``cache_dir`` and ``max_world_size`` are this node's policy for
+    the runs it is sent (:class:`fedtune.flower.node.NodePolicy`)."""
     if data is not None:
         data = str(Path(data).expanduser().resolve())
         if not Path(data).is_file():
             raise FedtuneError(f"--data '{data}' not found")
+    if max_world_size < 1:
+        raise FedtuneError(f"--max-world-size must be at least 1, not {max_world_size}")
+    policy = dict(allow_remote_code=allow_remote_code, model_dirs=_dirs(model_dirs, "--model-dir"),
+                  data_dir=(_dirs([data_dir], "--data-dir")[0] if data_dir else None),
+                  cache_dir=str(Path(cache_dir).expanduser().resolve()) if cache_dir else None,
+                  max_world_size=max_world_size)
     state_dir = str(Path(state_dir or f"fedtune-state-{client_id}").expanduser().resolve())
     Path(state_dir).mkdir(parents=True, exist_ok=True)
+    clean_stale_worker_dirs()
     procs: list[subprocess.Popen] = []
     sock = None
     env = dict(os.environ, FLWR_SUPEREXEC_TASK_POLL_INTERVAL=os.environ.get("FLWR_SUPEREXEC_TASK_POLL_INTERVAL", TASK_POLL_S))
@@ -146,8 +205,7 @@ def run_supernode(superlink: str, ca: str | Path, client_id: str, *, runtime_por
     old = {s: signal.signal(s, lambda *a: (stop(), sys.exit(0))) for s in (signal.SIGTERM, signal.SIGINT)}
     try:
         if warm:
-            # a short path: Unix socket paths are limited to ~100 bytes
-            sock = str(Path(tempfile.mkdtemp(prefix="fedtune-")) / "worker.sock")
+            sock = str(Path(tempfile.mkdtemp(prefix=f"{WORKER_DIR_PREFIX}{os.getpid()}-")) / "worker.sock")
             ready = sock + ".ready"
             wcmd = worker_command(sock, ready)
             echo("$ " + " ".join(wcmd))
@@ -159,8 +217,8 @@ def run_supernode(superlink: str, ca: str | Path, client_id: str, *, runtime_por
                 if time.monotonic() - t0 > 120:
                     raise FedtuneError("the fedtune worker did not start within 120 s")
                 time.sleep(0.1)
-        cmd = supernode_command(superlink, ca, client_id, runtime_port=runtime_port, data=data,
-                                state_dir=state_dir, worker=sock, key=key)
+        cmd = supernode_command(superlink, ca, client_id, runtime_port=runtime_port, key=key, data=data,
+                                state_dir=state_dir, worker=sock, **policy)
         echo("$ " + " ".join(cmd))
         procs.append(subprocess.Popen(cmd, env=env))
         while all(p.poll() is None for p in procs):
@@ -216,11 +274,21 @@ def submit_command(app_dir: Path, *, stream: bool = False) -> list[str]:
     return [_exe("flwr"), "run", str(app_dir), CONNECTION, "--format", "json"] + (["--stream"] if stream else [])
 
 
+def check_deployable(cfg: Config) -> None:
+    """One clear error, before anything starts, for what only the simulation can run."""
+    if cfg.fl.scenario == "global":
+        raise FedtuneError("fl.scenario 'global' pools every client's data in one place, which a deployment "
+                           "cannot do; use 'fed' or 'local' (or run 'global' in simulation)")
+    if cfg.eval.tasks:
+        raise FedtuneError(f"eval.tasks {cfg.eval.tasks} (benchmarks in the round loop) run in simulation only for "
+                           "now; remove eval.tasks from the deployed config and evaluate the saved adapter "
+                           "afterwards with: fedtune eval RUN_DIR --tasks ...")
+
+
 def submit(cfg: Config, superlink: str, ca: str | Path, *, resume: str | None = None, stream: bool = False,
            home: str | Path | None = None, echo=print) -> str:
     """Submit ``cfg`` as a Flower run; return its run id."""
-    if cfg.fl.scenario == "global":
-        raise FedtuneError("fl.scenario 'global' cannot be deployed (it pools all data in one place); use 'fed' or 'local'")
+    check_deployable(cfg)
     if cfg.output.dir and not Path(cfg.output.dir).is_absolute():
         echo(f"note: output.dir '{cfg.output.dir}' is relative to the SuperLink's working directory")
     h = flwr_home(home)
@@ -241,5 +309,13 @@ def submit(cfg: Config, superlink: str, ca: str | Path, *, resume: str | None = 
         raise FedtuneError(f"flwr run gave no run id: {res.stdout.strip()[-500:]}") from None
 
 
-def register_command(public_key: str | Path) -> list[str]:
-    return [_exe("flwr"), "supernode", "register", _need_file(public_key, "SuperNode public key"), CONNECTION]
+def register_command(public_key: str | Path, client_ids: str | None = None) -> list[str]:
+    """``flwr supernode register``; ``client_ids`` (comma-separated) become the node's registered
+    name, which the server reads with the node's id: that node may then hold only these clients."""
+    cmd = [_exe("flwr"), "supernode", "register", _need_file(public_key, "SuperNode public key"), CONNECTION]
+    if client_ids:
+        ids = [c.strip() for c in client_ids.split(",") if c.strip()]
+        if not ids:
+            raise FedtuneError("--client-id needs at least one client id")
+        cmd += ["--name", ",".join(ids)]
+    return cmd

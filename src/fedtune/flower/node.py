@@ -9,6 +9,16 @@ A SuperNode's ``--node-config`` says who it is and where its things are::
     worker="/run/fedtune/a.sock"        optional: a warm worker (``fedtune deploy supernode`` starts
                                         one) that keeps the model loaded between messages
 
+and what a submitted run may do on this machine (:class:`NodePolicy`; the run config cannot
+change it, since only the SuperNode's own command line sets its node config)::
+
+    allow-remote-code="true"            let model.trust_remote_code run a model's own Python code
+    model-dirs="/srv/models:/opt/llm"   directories model.name may point into (os.pathsep-separated)
+    data-dir="/srv/fedtune/data"        where built-in sources and data files named by the run are
+                                        looked up (else $FEDTUNE_DATA_DIR)
+    cache-dir="/var/cache/fedtune"      this node's caches (else $FEDTUNE_CACHE or ~/.cache/fedtune)
+    max-world-size="2"                  processes a client's training may use (default 1)
+
 Flower 1.41 starts a fresh ``flwr-clientapp`` process for every message. Loading torch, the model
 and the data in each of them costs seconds per message, so ``fedtune deploy supernode`` also starts
 a long-lived worker (:func:`serve_worker`) on a local Unix socket, and the ClientApp hands it the
@@ -32,7 +42,7 @@ import os
 import re
 import socket
 import struct
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -44,6 +54,107 @@ from fedtune.utils import atomic_write_bytes, safe_name
 log = logging.getLogger(__name__)
 
 
+class PolicyError(FedtuneError):
+    """The run's config asks for something this SuperNode's own policy does not allow."""
+
+
+def _flag(v: Any) -> bool:
+    return v is True or str(v).strip().lower() in ("1", "true", "yes")
+
+
+@dataclass
+class NodePolicy:
+    """What this organisation lets a submitted run do on its machine.
+
+    The client builds its model and reads its data as the run config says, and the run config
+    comes from whoever submitted the run. Without this policy the server would choose which code
+    runs here (``model.trust_remote_code`` with any hub id or local directory), which files are
+    read (``data.source``, ``data.data_dir``), where caches are written (``*.cache_dir``) and how
+    many processes start (``train.world_size``). The policy comes from the node's own node config;
+    :meth:`apply` refuses what it does not allow (:class:`PolicyError`) and puts the node's own
+    paths in place of the server's.
+    """
+
+    allow_remote_code: bool = False
+    model_dirs: tuple[str, ...] = ()
+    data_dir: str | None = None
+    cache_dir: str | None = None
+    max_world_size: int = 1
+
+    @classmethod
+    def from_node_config(cls, nc: dict[str, Any]) -> NodePolicy:
+        raw_ws = nc.get("max-world-size", 1)
+        try:
+            ws = int(raw_ws)
+            if isinstance(raw_ws, bool) or ws < 1:
+                raise ValueError
+        except ValueError:
+            raise FedtuneError(f"node-config max-world-size={raw_ws!r} is not a positive integer") from None
+        dirs = tuple(d for d in str(nc.get("model-dirs") or "").split(os.pathsep) if d.strip())
+        return cls(allow_remote_code=_flag(nc.get("allow-remote-code", False)), model_dirs=dirs,
+                   data_dir=nc.get("data-dir") or None, cache_dir=nc.get("cache-dir") or None, max_world_size=ws)
+
+    @staticmethod
+    def _under(path: Path, roots: list[Path]) -> bool:
+        real = path.expanduser().resolve()  # symlinks followed: a link may not lead outside
+        return any(real.is_relative_to(r.expanduser().resolve()) for r in roots)
+
+    def _check_model(self, name: str) -> None:
+        from fedtune.models.loading import EMBEDDED_MODELS, TINY_MODELS
+
+        if name in EMBEDDED_MODELS or name in TINY_MODELS:
+            return
+        # the loader's order (fedtune.models.loading._resolve_dir): a .gguf file or an existing
+        # path is loaded from disk; else an org/name hub id is downloaded
+        if not (name.endswith(".gguf") or Path(name).expanduser().exists()):
+            return  # a hub id (only weights and config: remote code is refused above), or unknown
+        if not self._under(Path(name), [Path(d) for d in self.model_dirs]):
+            dirs = ", ".join(self.model_dirs) or "none"
+            raise PolicyError(f"model.name '{name}' is a path outside this SuperNode's model directories ({dirs}); "
+                              "start the node with --model-dir DIR to allow models under DIR")
+
+    def data_roots(self) -> list[Path]:
+        """Where a data file named by the run may be: the node's data directory, $FEDTUNE_DATA_DIR."""
+        from fedtune.data.sources import DATA_DIR_ENV
+
+        roots = [self.data_dir, os.environ.get(DATA_DIR_ENV)]
+        return [Path(r).expanduser() for r in roots if r]
+
+    def _data_file(self, source: str) -> Path:
+        roots = self.data_roots()
+        p = Path(source).expanduser()
+        for cand in [p] if p.is_absolute() else [r / p for r in roots]:
+            if cand.is_file() and self._under(cand, roots):
+                return cand.resolve()
+        where = ", ".join(str(r) for r in roots) or "none"
+        raise PolicyError(f"data.source '{source}' is not a file under this SuperNode's data directories ({where}); "
+                          "start the node with --data FILE (its own records) or --data-dir DIR holding the file")
+
+    def apply(self, cfg: Config, spec: NodeSpec) -> Config:
+        """``cfg`` as this node runs it: the node's own paths in place of the server's, or
+        :class:`PolicyError` saying what is not allowed and which node option would allow it."""
+        from fedtune.data import resolve_data_config
+        from fedtune.data.sources import SOURCES
+
+        if cfg.model.trust_remote_code and not self.allow_remote_code:
+            raise PolicyError("the run sets model.trust_remote_code, which runs Python code shipped with the model "
+                              "on this machine; this SuperNode does not allow it (start it with --allow-remote-code "
+                              "to trust the models this server names)")
+        self._check_model(cfg.model.name)
+        if cfg.train.world_size > self.max_world_size:
+            raise PolicyError(f"the run asks for train.world_size={cfg.train.world_size} processes per client; this "
+                              f"SuperNode allows {self.max_world_size} (start it with --max-world-size N)")
+        cache = Path(self.cache_dir).expanduser() if self.cache_dir else None
+        data = cfg.data.model_copy(update={"data_dir": self.data_dir,
+                                           "cache_dir": str(cache / "tokenized") if cache else None})
+        if spec.data is None:  # the node takes its part of the run's data: the source must be allowed
+            source = resolve_data_config(data).source
+            if source not in SOURCES:
+                data = data.model_copy(update={"source": str(self._data_file(source))})
+        model = cfg.model.model_copy(update={"cache_dir": str(cache / "models") if cache else None})
+        return cfg.model_copy(update={"data": data, "model": model})
+
+
 @dataclass
 class NodeSpec:
     """What a SuperNode's ``--node-config`` says about it."""
@@ -52,6 +163,7 @@ class NodeSpec:
     data: str | None = None
     state_dir: str | None = None
     worker: str | None = None
+    policy: NodePolicy = field(default_factory=NodePolicy)
 
     @classmethod
     def from_node_config(cls, nc: dict[str, Any]) -> NodeSpec:
@@ -62,7 +174,8 @@ class NodeSpec:
         data = nc.get("data") or None
         if data is not None and len(cids) != 1:
             raise FedtuneError("node-config 'data' (an organisation's own file) needs exactly one client-id")
-        return cls(cids=cids, data=data, state_dir=nc.get("state-dir") or None, worker=nc.get("worker") or None)
+        return cls(cids=cids, data=data, state_dir=nc.get("state-dir") or None, worker=nc.get("worker") or None,
+                   policy=NodePolicy.from_node_config(nc))
 
 
 class RoundStateStore(ClientStateStore):
@@ -254,7 +367,7 @@ def ask_worker(path: str, header: dict[str, Any], payload: bytes = b"", timeout:
         send_frame(s, header, payload)
         reply, data = recv_frame(s, MAX_MESSAGE_BYTES)
     if "error" in reply:
-        raise FedtuneError(f"fedtune worker at {path}: {reply['error']}")
+        raise (PolicyError if reply.get("refused") else FedtuneError)(f"fedtune worker at {path}: {reply['error']}")
     return reply, data
 
 
@@ -271,11 +384,12 @@ class HandlerCache:
 
         key = json.dumps([config_json, node_config], sort_keys=True)
         if key != self.key or self.handler is None:
+            spec = NodeSpec.from_node_config(node_config)
+            cfg = spec.policy.apply(config_from_dict(json.loads(config_json)), spec)  # before loading anything
             if self.handler is not None:
                 self.handler.close()
             self.handler = None  # free the old model first
-            cfg = config_from_dict(json.loads(config_json))
-            self.handler = NodeHandler(cfg, NodeSpec.from_node_config(node_config))
+            self.handler = NodeHandler(cfg, spec)
             self.key = key
         return self.handler
 
@@ -321,7 +435,7 @@ def serve_worker(path: str, *, ready_file: str | None = None) -> None:
                 except Exception as e:  # noqa: BLE001 - one bad request must not end the worker
                     log.warning("worker request failed: %s", e, exc_info=not isinstance(e, FedtuneError))
                     try:
-                        send_frame(conn, {"error": str(e)})
+                        send_frame(conn, {"error": str(e), "refused": isinstance(e, PolicyError)})
                     except OSError:
                         pass
     finally:

@@ -26,6 +26,7 @@ app = ServerApp()
 def run_deployed(cfg: Config, grid, resume: str | Path | None = None, *, verbose: bool = True) -> RunResult:
     """Run (or resume) ``cfg`` with the clients behind ``grid``."""
     from fedtune.algorithms import get_algorithm
+    from fedtune.flower.deploy import check_deployable
     from fedtune.flower.transport import FlowerTransport
     from fedtune.metrics import MetricsLogger
     from fedtune.run import (adapter_saver, build_adapter_model, console_hooks, finish_run, initial_models,
@@ -33,9 +34,7 @@ def run_deployed(cfg: Config, grid, resume: str | Path | None = None, *, verbose
     from fedtune.server import Server
     from fedtune.state import ClientStateStore
 
-    if cfg.fl.scenario == "global":
-        raise FedtuneError("fl.scenario 'global' pools every client's data in one place, which a deployment "
-                           "cannot do; use 'fed' or 'local' (or run 'global' in simulation)")
+    check_deployable(cfg)  # also checked by `fedtune deploy submit`; a plain `flwr run` gets here
     t_start = time.perf_counter()
     run_dir = start_run(cfg, resume)
     log_file = (run_dir / "server.log").open("a", encoding="utf-8")
