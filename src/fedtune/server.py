@@ -212,7 +212,7 @@ class Server:
                 out[f"{split}_ppl"] = _ppl(s / n)
             for r in replies:
                 m = r.message.metrics if r.message else {}
-                if m.get(f"{split}_tokens"):
+                if m.get(f"{split}_tokens") and f"{split}_loss_sum" in m:  # parsing guarantees the pair
                     loss = m[f"{split}_loss_sum"] / m[f"{split}_tokens"]
                     per_client.setdefault(r.cid, {}).update({f"{split}_loss": loss, f"{split}_ppl": _ppl(loss)})
         if client_rows is not None:
