@@ -217,6 +217,8 @@ def test_loglikelihood_projects_only_the_scored_positions(tiny, monkeypatch):
     """The vocabulary projection sees only the positions that predict continuation tokens (or the
     last context position), never the whole padded batch."""
     model, tok = tiny
+    engine = Engine(model, tok, batch_size=8, progress=False)
+    engine.loglikelihood([("x", " y")])  # the first call probes logits_to_keep (two extra forwards)
     shapes = []
     real = type(model).forward
 
@@ -229,7 +231,33 @@ def test_loglikelihood_projects_only_the_scored_positions(tiny, monkeypatch):
     monkeypatch.setattr(type(model), "forward", spy)
     pairs = [("The following are multiple choice questions about biology and chemistry.\nAnswer:", f" {x}")
              for x in "ABCD"] + [("x", " y z w")]
-    Engine(model, tok, batch_size=8, progress=False).loglikelihood(pairs)
+    engine.loglikelihood(pairs)
     assert len(shapes) == 1
     rows, width, vocab = shapes[0]
     assert (rows, width, vocab) == (2, 3, len(tok))  # two rows (MMLU shortcut + one pair), 3 = len(" y z w")
+
+
+def test_loglikelihood_on_models_without_2d_logits_to_keep_falls_back(monkeypatch):
+    """transformers < 5.21 has a ``logits_to_keep`` parameter but slices every row with a whole 2-D
+    position tensor: the engine probes the capability instead of trusting the parameter's name, and
+    scores stay exact through the full-logits path."""
+    import transformers.models.llama.modeling_llama as llama
+
+    from fedtune.config import ModelConfig
+    from fedtune.eval.engine import _accepts_logits_to_keep
+    from fedtune.models import load_model
+
+    def old_slice(hidden_states, logits_to_keep):  # transformers 5.20's code, inlined in each model
+        keep = slice(-logits_to_keep, None) if isinstance(logits_to_keep, int) else logits_to_keep
+        return hidden_states[:, keep, :]
+
+    model, tok = load_model(ModelConfig(name="tiny-llama"))
+    assert _accepts_logits_to_keep(model)  # transformers here takes per-row positions
+    monkeypatch.setattr(llama, "slice_logits_to_keep", old_slice, raising=False)
+    assert not _accepts_logits_to_keep(model)
+    pairs = [("Question: what is two plus two?\nAnswer:", " A"), ("x", " y z"),
+             ("The quick brown fox jumps over the lazy dog and then", " it slept")]
+    got = Engine(model, tok, batch_size=4, progress=False).loglikelihood(pairs)
+    for (c, x), g in zip(pairs, got):
+        want = _direct_logprob_any(model, tok, c, x)
+        assert abs(g - want) < 1e-6 * max(1.0, abs(want))  # fp32 model: relative rounding

@@ -111,13 +111,33 @@ def _virtual_positions(model: torch.nn.Module) -> int:
 
 
 def _accepts_logits_to_keep(model: torch.nn.Module) -> bool:
+    """Whether ``model`` takes a 2-D tensor of positions as ``logits_to_keep`` (row ``b`` keeps the
+    positions ``keep[b]``). transformers' models do from 5.21 (``slice_logits_to_keep``); older ones
+    take an int or 1-D positions only, and would index every row with the whole 2-D tensor. The
+    parameter's name says nothing about that, so it is tried once on two short rows and compared
+    with the full logits; without it the scoring loop computes all positions and picks."""
     import inspect
 
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
     try:
-        return "logits_to_keep" in inspect.signature(base.forward).parameters
+        if "logits_to_keep" not in inspect.signature(base.forward).parameters:
+            return False
     except (TypeError, ValueError):
         return False
+    dev = next(model.parameters()).device
+    ids = torch.tensor([[1, 2, 3], [4, 5, 6]], device=dev)
+    keep = torch.tensor([[0, 2], [1, 1]], device=dev) + _virtual_positions(model)
+    try:
+        with torch.no_grad():
+            full = model(input_ids=ids).logits
+            part = model(input_ids=ids, logits_to_keep=keep).logits
+    except (IndexError, RuntimeError, TypeError, ValueError):  # how older slicing fails on it
+        return False
+    want = torch.take_along_dim(full, keep[..., None], dim=1)
+    if part.shape != want.shape:
+        return False
+    eps = max(torch.finfo(full.dtype).eps, 1e-5)
+    return bool((part.float() - want.float()).abs().max() <= 16 * eps * (1 + want.float().abs().max()))
 
 
 def _rng_devices() -> list[int]:
@@ -159,7 +179,7 @@ class Engine:
         elif isinstance(gen_eos, (list, tuple)):
             self.eos_ids.update(int(e) for e in gen_eos)
         self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else next(iter(self.eos_ids), 0)
-        self._accepts_keep = _accepts_logits_to_keep(model)
+        self._accepts_keep: bool | None = None  # 2-D logits_to_keep: probed at the first scoring call
 
     # ---- helpers --------------------------------------------------------------------------
     def encode(self, text: str) -> list[int]:
@@ -409,6 +429,8 @@ class Engine:
         lengths = [len(r[0]) + len(r[1]) for r in rows]
         # the outputs of prompt / P-tuning start with the virtual tokens' positions
         shift = _virtual_positions(self.model)
+        if self._accepts_keep is None:  # probed on first use (the model is in eval mode here)
+            self._accepts_keep = _accepts_logits_to_keep(self.model)
         use_keep = self._accepts_keep
         bar = self._bar(len(pairs), desc)
         try:
