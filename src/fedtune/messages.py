@@ -25,6 +25,7 @@ import torch
 from fedtune.codecs import COMPRESSOR_TYPES, Pipeline, decode_tensors, encode_tensors
 from fedtune.codecs.base import DTYPES, Spec, numel
 from fedtune.errors import MessageError
+from fedtune.limits import MAX_MESSAGE_BYTES
 
 __all__ = ["MAX_MESSAGE_BYTES", "Message", "MessageError", "decode", "encode"]
 
@@ -32,7 +33,6 @@ _META_KEY = "fedtune"
 _ENVELOPE_KEY = "fedtune_envelope"
 _PAYLOAD = "payload"
 #: refuse to parse messages whose header declares more than this many bytes (hostile input).
-MAX_MESSAGE_BYTES = 4 << 30
 #: bytes of decoded message allowed per expected tensor element (fp64 top-k at fraction 1 needs
 #: 12) plus room for header and metrics: the cap on what a compressed message may expand to.
 _BYTES_PER_ELEMENT = 16

@@ -3,6 +3,8 @@ delivers Flower messages to the real ClientApp in this process (as Flower's InMe
 
 import json
 import os
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -11,7 +13,8 @@ from flwr.app import ConfigRecord, Context, Error, Message as FMessage, RecordDi
 from fedtune.config import DeployConfig, load_config
 from fedtune.flower import RECORD
 from fedtune.flower.client_app import app as client_app
-from fedtune.flower.node import NodeSpec, RoundStateStore, ask_worker, recv_frame, send_frame
+from fedtune.flower.node import NodeSpec, RoundStateStore
+from fedtune.flower.wire import ask_worker, recv_frame, send_frame
 from fedtune.flower.transport import FlowerTransport, RoundFailed, natural_key
 from fedtune.messages import Message, encode
 from fedtune.state import ClientState
@@ -543,3 +546,12 @@ def test_a_refusing_node_answers_the_query_with_its_reason(toy_cfg, tmp_path, ca
     t = FlowerTransport(g, dcfg(), sleep=lambda s: None)
     assert t.discover()[0] == ["a"]
     assert "SuperNode 2 refuses this run" in caplog.text and "allow-remote-code" in caplog.text
+
+
+def test_the_clientapp_module_imports_no_torch():
+    """Flower 1.41 starts a fresh ClientApp process for every message, and with a warm worker it
+    only forwards bytes: importing torch (or pydantic) there cost over a second per message."""
+    code = ("import sys, fedtune.flower.client_app; "
+            "print(sorted(m for m in ('torch', 'pydantic', 'transformers', 'peft') if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "[]"

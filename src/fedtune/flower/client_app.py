@@ -14,18 +14,18 @@ from flwr.clientapp import ClientApp
 
 from fedtune.errors import MessageError
 from fedtune.flower import RECORD
-from fedtune.flower.node import PolicyError
+from fedtune.flower.wire import MAX_CID, MAX_MESSAGE_BYTES, PolicyError, ask_worker
 
 app = ClientApp()
 _cache = None  # the in-process NodeHandler cache (Flower 1.41 starts one process per message)
+# Only light imports at module level: with a warm worker this process just forwards bytes (see
+# fedtune.flower.wire); the in-process path below imports the training code when it needs it.
 
 
 def _answer(header: dict, payload: bytes, context: Context) -> tuple[dict, bytes]:
     header = dict(header, config=context.run_config["fedtune-config"], node_config=dict(context.node_config))
     worker = context.node_config.get("worker")
     if worker:
-        from fedtune.flower.node import ask_worker
-
         return ask_worker(str(worker), header, payload)
     global _cache
     from fedtune.flower.node import HandlerCache, answer
@@ -38,9 +38,6 @@ def _answer(header: dict, payload: bytes, context: Context) -> tuple[dict, bytes
 def _instruction(msg: Message) -> tuple[str, int, bytes]:
     """``(client id, round, message bytes)`` of a fit/evaluate instruction, with the types fedtune
     sends and nothing converted (``bytes(10**15)`` would allocate a petabyte)."""
-    from fedtune.flower.transport import MAX_CID
-    from fedtune.messages import MAX_MESSAGE_BYTES
-
     rec = msg.content[RECORD]
     cid, rnd, payload = rec["cid"], rec["round"], rec["payload"]
     if not isinstance(cid, str) or not 0 < len(cid) <= MAX_CID:

@@ -41,7 +41,6 @@ import logging
 import os
 import re
 import socket
-import struct
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -49,13 +48,10 @@ from typing import Any
 from fedtune.config import Config
 from fedtune.errors import FedtuneError
 from fedtune.state import ClientState, ClientStateStore, _decode_state, _encode_state
+from fedtune.flower.wire import MAX_MESSAGE_BYTES, PolicyError, recv_frame, send_frame
 from fedtune.utils import atomic_write_bytes, safe_name
 
 log = logging.getLogger(__name__)
-
-
-class PolicyError(FedtuneError):
-    """The run's config asks for something this SuperNode's own policy does not allow."""
 
 
 def _flag(v: Any) -> bool:
@@ -328,49 +324,6 @@ class NodeHandler:
 # length, a JSON header, the payload. Nothing is unpickled; the payload is a fedtune message that
 # handle_on_client parses strictly.
 
-_FRAME = struct.Struct("<IQ")
-MAX_HEADER = 1 << 16
-
-
-def _recv_exact(sock: socket.socket, n: int) -> bytes:
-    buf = bytearray()
-    while len(buf) < n:
-        chunk = sock.recv(min(n - len(buf), 1 << 20))
-        if not chunk:
-            raise ConnectionError("worker connection closed mid-frame")
-        buf += chunk
-    return bytes(buf)
-
-
-def send_frame(sock: socket.socket, header: dict[str, Any], payload: bytes = b"") -> None:
-    h = json.dumps(header).encode()
-    sock.sendall(_FRAME.pack(len(h), len(payload)) + h)
-    sock.sendall(payload)
-
-
-def recv_frame(sock: socket.socket, max_payload: int) -> tuple[dict[str, Any], bytes]:
-    hlen, plen = _FRAME.unpack(_recv_exact(sock, _FRAME.size))
-    if hlen > MAX_HEADER or plen > max_payload:
-        raise ConnectionError(f"frame too large (header {hlen}, payload {plen} bytes)")
-    header = json.loads(_recv_exact(sock, hlen))
-    if not isinstance(header, dict):
-        raise ConnectionError("frame header is not an object")
-    return header, _recv_exact(sock, plen)
-
-
-def ask_worker(path: str, header: dict[str, Any], payload: bytes = b"", timeout: float | None = None) -> tuple[dict[str, Any], bytes]:
-    from fedtune.messages import MAX_MESSAGE_BYTES
-
-    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
-        s.settimeout(timeout)
-        s.connect(path)
-        send_frame(s, header, payload)
-        reply, data = recv_frame(s, MAX_MESSAGE_BYTES)
-    if "error" in reply:
-        raise (PolicyError if reply.get("refused") else FedtuneError)(f"fedtune worker at {path}: {reply['error']}")
-    return reply, data
-
-
 class HandlerCache:
     """The :class:`NodeHandler` for the latest (run config, node config) seen; rebuilt when either
     changes, so one worker serves successive runs."""
@@ -408,7 +361,6 @@ def answer(cache: HandlerCache, header: dict[str, Any], payload: bytes) -> tuple
 
 def serve_worker(path: str, *, ready_file: str | None = None) -> None:
     """Answer requests on the Unix socket ``path`` one at a time, until killed."""
-    from fedtune.messages import MAX_MESSAGE_BYTES
 
     p = Path(path)
     p.parent.mkdir(parents=True, exist_ok=True)

@@ -40,7 +40,8 @@ from collections.abc import Callable
 from fedtune.config import DeployConfig
 from fedtune.errors import FedtuneError
 from fedtune.flower import RECORD
-from fedtune.messages import MAX_MESSAGE_BYTES, Message, encode
+from fedtune.flower.wire import MAX_CID, MAX_MESSAGE_BYTES
+from fedtune.messages import Message, encode
 from fedtune.transport import Reply, Spec, parse_reply
 
 log = logging.getLogger(__name__)
@@ -60,7 +61,6 @@ QUERY_BACKOFF_MAX_S = 600.0
 #: would overflow the weighting)
 MAX_CLIENTS_JSON = 1 << 20
 MAX_NODE_CLIENTS = 1024
-MAX_CID = 128
 MAX_NUM_TRAIN = 2**53
 #: characters of a node-supplied reason (a refusal, a Flower error) kept for logs and metrics
 MAX_REASON = 1000
