@@ -157,7 +157,7 @@ def label_logits_supported(model: torch.nn.Module) -> bool:
     Needs a forward whose ``logits_to_keep`` takes a 2-D boolean mask: transformers' models do
     from 5.21.0 on (``slice_logits_to_keep``); earlier ones take only an int or 1-D positions and
     fail on a mask (transformers >= 4.56 is allowed). The parameter's name alone says nothing
-    about that, and remote-code models have their own forward, so :func:`_keeps_masked_logits`
+    about that, and remote-code models have their own forward, so :func:`keeps_logits`
     tries it once per model; without it the loss uses the full logits (same loss, more compute).
     Prompt-learning adapters (prefix/P-/prompt tuning) are excluded because peft prepends virtual
     tokens, which shifts every position."""
@@ -165,11 +165,9 @@ def label_logits_supported(model: torch.nn.Module) -> bool:
     if any(getattr(c, "is_prompt_learning", False) for c in cfgs.values()):
         return False
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
-    if "logits_to_keep" not in inspect.signature(base.forward).parameters:
-        return False
     ok = getattr(base, "_fedtune_masked_logits", None)
     if ok is None:
-        ok = _keeps_masked_logits(model)
+        ok = keeps_logits(model, torch.tensor([[False, True, True], [True, False, False]]))
         base._fedtune_masked_logits = ok  # a property of the model's code: probe once
         if not ok:
             log.info("%s does not take a boolean logits_to_keep mask (transformers < 5.21?): the loss "
@@ -178,23 +176,31 @@ def label_logits_supported(model: torch.nn.Module) -> bool:
 
 
 @torch.no_grad()
-def _keeps_masked_logits(model: torch.nn.Module) -> bool:
-    """Run two 3-token sequences with and without a boolean ``logits_to_keep`` mask: the masked
-    call must return exactly the kept positions' logits, flattened to ``(num_kept, vocab)``."""
-    dev = next(model.parameters()).device
-    ids = torch.tensor([[1, 2, 3], [4, 5, 6]], device=dev)
-    keep = torch.tensor([[False, True, True], [True, False, False]], device=dev)
+def keeps_logits(model: torch.nn.Module, keep: torch.Tensor) -> bool:
+    """Whether ``model(..., logits_to_keep=keep)`` on two 3-token rows returns exactly the kept
+    positions' logits. ``keep`` is a boolean ``(2, 3)`` mask (logits flattened to ``(num_kept,
+    vocab)``) or a ``(2, k)`` tensor of positions per row (logits ``(2, k, vocab)``; positions count
+    any virtual tokens a prompt-learning adapter prepends). Older transformers take the parameter but
+    index every row with the whole tensor, so the capability is tried, not read off its name."""
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    try:
+        if "logits_to_keep" not in inspect.signature(base.forward).parameters:
+            return False
+    except (TypeError, ValueError):  # a forward without a readable signature
+        return False
+    ids = torch.tensor([[1, 2, 3], [4, 5, 6]], device=next(model.parameters()).device)
+    keep = keep.to(ids.device)
     modes = [(m, m.training) for m in model.modules()]  # restored module by module: they may differ
     model.eval()  # no dropout: both calls must compute the same thing
     try:
         full = model(input_ids=ids).logits
         part = model(input_ids=ids, logits_to_keep=keep).logits
-    except (IndexError, RuntimeError, TypeError, ValueError):  # how older indexing fails on a mask
+    except (IndexError, RuntimeError, TypeError, ValueError):  # how older indexing fails on it
         return False
     finally:
         for m, training in modes:
             m.training = training
-    want = full[keep].float()
+    want = (full[keep] if keep.dtype == torch.bool else torch.take_along_dim(full, keep[..., None], dim=1)).float()
     if part.shape != want.shape:
         return False
     # the same rows through the LM head, in another batch shape: equal up to rounding of its dtype

@@ -112,32 +112,12 @@ def _virtual_positions(model: torch.nn.Module) -> int:
 
 def _accepts_logits_to_keep(model: torch.nn.Module) -> bool:
     """Whether ``model`` takes a 2-D tensor of positions as ``logits_to_keep`` (row ``b`` keeps the
-    positions ``keep[b]``). transformers' models do from 5.21 (``slice_logits_to_keep``); older ones
-    take an int or 1-D positions only, and would index every row with the whole 2-D tensor. The
-    parameter's name says nothing about that, so it is tried once on two short rows and compared
-    with the full logits; without it the scoring loop computes all positions and picks."""
-    import inspect
+    positions ``keep[b]``): transformers' models do from 5.21 (``slice_logits_to_keep``), older ones
+    index every row with the whole tensor, so it is tried once (:func:`fedtune.training.keeps_logits`);
+    without it the scoring loop computes all positions and picks."""
+    from fedtune.training import keeps_logits
 
-    base = model.get_base_model() if hasattr(model, "get_base_model") else model
-    try:
-        if "logits_to_keep" not in inspect.signature(base.forward).parameters:
-            return False
-    except (TypeError, ValueError):
-        return False
-    dev = next(model.parameters()).device
-    ids = torch.tensor([[1, 2, 3], [4, 5, 6]], device=dev)
-    keep = torch.tensor([[0, 2], [1, 1]], device=dev) + _virtual_positions(model)
-    try:
-        with torch.no_grad():
-            full = model(input_ids=ids).logits
-            part = model(input_ids=ids, logits_to_keep=keep).logits
-    except (IndexError, RuntimeError, TypeError, ValueError):  # how older slicing fails on it
-        return False
-    want = torch.take_along_dim(full, keep[..., None], dim=1)
-    if part.shape != want.shape:
-        return False
-    eps = max(torch.finfo(full.dtype).eps, 1e-5)
-    return bool((part.float() - want.float()).abs().max() <= 16 * eps * (1 + want.float().abs().max()))
+    return keeps_logits(model, torch.tensor([[0, 2], [1, 1]]) + _virtual_positions(model))
 
 
 def _rng_devices() -> list[int]:
