@@ -154,53 +154,59 @@ def test_compression_shrinks_and_bytes_are_what_travels():
 
 
 # ---- error feedback against a hand computation ------------------------------------------------
-def _client(names, ef=True, fraction=0.5):
-    from fedtune.client import FedClient
+def _wire(names, ef=True, fraction=0.5):
+    from fedtune.algorithms.base import Algorithm
+    from fedtune.payload import Wire
 
-    comm = CommConfig(up=names, topk_fraction=fraction, error_feedback=ef)
-    up = build_pipeline(comm, "up")
-    rt = SimpleNamespace(cfg=SimpleNamespace(comm=comm), up_codec=up, sends_delta=True)
-    return FedClient("c", rt)
+    return Wire(CommConfig(up=names, topk_fraction=fraction, error_feedback=ef), Algorithm.groups)
+
+
+def _send(wire, local, received, state):
+    """A client's reply of adapter ``local`` after receiving ``received``: (what the server decodes
+    for it, the reply's metrics)."""
+    from fedtune.algorithms import ClientResult, Instruction
+
+    msg = wire.result(ClientResult({"adapter": local}), Instruction({"adapter": received}), state)
+    assert msg.delta == ("adapter",)  # a lossy codec runs: the adapter travels as a difference
+    return decode(encode(msg)).tensors["adapter/w"], msg.metrics
 
 
 def test_error_feedback_by_hand():
-    c, state = _client(["topk"]), ClientState()
+    w, state = _wire(["topk"]), ClientState()
     g0 = torch.tensor([1.0, 1.0, 1.0, 1.0])
     # round 1: delta = [0.5, -2, 1, 0.1]; top-2 sends [0, -2, 1, 0]; residual [0.5, 0, 0, 0.1]
-    x, m = c._encode_update({"w": g0 + torch.tensor([0.5, -2.0, 1.0, 0.1])}, {"w": g0}, state)
-    sent = decode(encode(Message(x, codec=c.rt.up_codec))).tensors["w"]
+    sent, m = _send(w, {"w": g0 + torch.tensor([0.5, -2.0, 1.0, 0.1])}, {"w": g0}, state)
     assert torch.allclose(sent, torch.tensor([0.0, -2.0, 1.0, 0.0]))
-    assert torch.allclose(state.group("ef")["w"], torch.tensor([0.5, 0.0, 0.0, 0.1]))
+    assert torch.allclose(state.group("ef")["adapter/w"], torch.tensor([0.5, 0.0, 0.0, 0.1]))
     assert m["up_rel_error"] == pytest.approx(math.sqrt(0.26) / math.sqrt(0.25 + 4 + 1 + 0.01))
     # round 2: delta [0.1, 0.2, -0.3, 0.05] + residual = [0.6, 0.2, -0.3, 0.15]; top-2 sends
     # [0.6, 0, -0.3, 0]; residual [0, 0.2, 0, 0.15]
     g1 = torch.tensor([2.0, -1.0, 0.0, 3.0])
-    x, _ = c._encode_update({"w": g1 + torch.tensor([0.1, 0.2, -0.3, 0.05])}, {"w": g1}, state)
-    sent = decode(encode(Message(x, codec=c.rt.up_codec))).tensors["w"]
+    sent, _ = _send(w, {"w": g1 + torch.tensor([0.1, 0.2, -0.3, 0.05])}, {"w": g1}, state)
     assert torch.allclose(sent, torch.tensor([0.6, 0.0, -0.3, 0.0]))
-    assert torch.allclose(state.group("ef")["w"], torch.tensor([0.0, 0.2, 0.0, 0.15]))
+    assert torch.allclose(state.group("ef")["adapter/w"], torch.tensor([0.0, 0.2, 0.0, 0.15]))
 
 
 def test_without_error_feedback_the_residual_is_dropped():
-    c, state = _client(["topk"], ef=False), ClientState()
+    w, state = _wire(["topk"], ef=False), ClientState()
     g = torch.zeros(4)
-    c._encode_update({"w": torch.tensor([0.5, -2.0, 1.0, 0.1])}, {"w": g}, state)
-    x, _ = c._encode_update({"w": torch.tensor([0.1, 0.2, -0.3, 0.05])}, {"w": g}, state)
+    _send(w, {"w": torch.tensor([0.5, -2.0, 1.0, 0.1])}, {"w": g}, state)
+    sent, _ = _send(w, {"w": torch.tensor([0.1, 0.2, -0.3, 0.05])}, {"w": g}, state)
     assert state.group("ef") == {}
-    assert torch.allclose(x["w"], torch.tensor([0.1, 0.2, -0.3, 0.05]))  # nothing carried over
+    assert torch.allclose(sent, torch.tensor([0.0, 0.2, -0.3, 0.0]))  # top-2 of the delta alone
 
 
 def test_error_feedback_with_quantisation_keeps_the_sum():
     # whatever the codec, sent + new residual == delta + old residual (nothing is lost)
-    c, state = _client(["topk", "int4"], fraction=0.3), ClientState()
+    w, state = _wire(["topk", "int4"], fraction=0.3), ClientState()
     rng = torch.Generator().manual_seed(1)
     total_delta, total_sent = torch.zeros(50), torch.zeros(50)
     for _ in range(5):
         d = torch.randn(50, generator=rng)
-        x, _ = c._encode_update({"w": d}, {"w": torch.zeros(50)}, state)
+        sent, _ = _send(w, {"w": d}, {"w": torch.zeros(50)}, state)
         total_delta += d
-        total_sent += decode(encode(Message(x, codec=c.rt.up_codec))).tensors["w"]
-    assert torch.allclose(total_sent + state.group("ef")["w"], total_delta, atol=1e-5)
+        total_sent += sent
+    assert torch.allclose(total_sent + state.group("ef")["adapter/w"], total_delta, atol=1e-5)
 
 
 # ---- config validation --------------------------------------------------------------------------
@@ -230,8 +236,12 @@ def test_unknown_comm_key_suggests():
 SPEC = {"a": ((8, 16), torch.float32), "b": ((16,), torch.float32)}
 
 
-def _good(names=("topk", "int8", "zstd")):
-    t = {k: torch.randn(s) for k, (s, _) in SPEC.items()}
+#: the same tensors as a reply's ``adapter`` group (what a server expects of an adapter like SPEC)
+GSPEC = {f"adapter/{k}": v for k, v in SPEC.items()}
+
+
+def _good(names=("topk", "int8", "zstd"), spec=SPEC):
+    t = {k: torch.randn(s) for k, (s, _) in spec.items()}
     return encode(Message(t, metrics={"loss": 1.0}, codec=pipe(list(names), topk_fraction=0.3)))
 
 
@@ -397,8 +407,8 @@ class _HostileTransport:
             return next(_mutations(rng, self.fit_bases, rng.randint(1, 5)))
         keys = _FIT_KEYS if kind == "fit" else _EVAL_KEYS
         if kind == "fit":
-            msg = Message({k: torch.randn(s) * rng.choice([1e-3, 1.0, 1e30]) for k, (s, _) in SPEC.items()},
-                          delta=rng.random() < 0.5)
+            msg = Message({k: torch.randn(s) * rng.choice([1e-3, 1.0, 1e30]) for k, (s, _) in GSPEC.items()},
+                          delta=("adapter",) if rng.random() < 0.5 else ())
         else:
             msg = Message()
         msg.metrics = _hostile_metrics(rng, keys)
@@ -425,7 +435,7 @@ def test_fuzzed_replies_through_server_rounds_never_crash_the_run(tmp_path):
     rows, evaluation, the console table, metrics.jsonl): nothing raises and nothing non-finite is
     logged or aggregated. Before metrics had a schema, a null loss, a null token count or a loss sum
     without its count crashed the round (TypeError/KeyError) and NaN poisoned val_loss."""
-    from fedtune.algorithms import get_algorithm
+    from fedtune.algorithms import Setup, get_algorithm
     from fedtune.config import load_config
     from fedtune.metrics import MetricsLogger
     from fedtune.run import console_hooks
@@ -435,18 +445,19 @@ def test_fuzzed_replies_through_server_rounds_never_crash_the_run(tmp_path):
     rng = random.Random(1)
     cfg = load_config(None, ["fl.rounds=1000", "eval.every=1", "checkpoint.every=0", "output.tensorboard=false",
                              "output.progress=false"])
-    bases = [_good(n) for n in (("topk", "int8", "zstd"), ("int4",), ())]
+    bases = [_good(n, GSPEC) for n in (("topk", "int8", "zstd"), ("int4",), ())]
     transport = _HostileTransport(rng, bases)
     cids = ["c0", "c1", "c2"]
     printed = []
-    server = Server(cfg=cfg, algorithm=get_algorithm("fedavg"), transport=transport, train_clients=cids,
+    algorithm = get_algorithm("fedavg")
+    algorithm.init(Setup(cids, {c: 10 for c in cids}, 1000, 3, {k: torch.zeros(s) for k, (s, _) in SPEC.items()}))
+    server = Server(cfg=cfg, algorithm=algorithm, transport=transport, train_clients=cids,
                     eval_clients=cids, num_train={c: 10 for c in cids},
-                    models={GLOBAL: {k: torch.zeros(s) for k, (s, _) in SPEC.items()}},
                     store=ClientStateStore(None), logger=MetricsLogger(tmp_path, tensorboard=False), run_dir=tmp_path,
                     save_adapters=lambda *a: None, hooks=console_hooks(cfg, printed.append, True))
     for rnd in range(1, 201):
         server.run_round(rnd)  # must not raise
-        assert all(torch.isfinite(t).all() for t in server.models[GLOBAL].values())
+        assert all(torch.isfinite(t).all() for t in algorithm.adapters()[GLOBAL].values())
 
     def finite(v):
         if isinstance(v, float):
@@ -504,7 +515,7 @@ def test_clients_check_instructions_against_the_adapter_they_hold():
     from fedtune.transport import handle_on_client
 
     class Client:
-        def adapter_spec(self):
+        def instruction_spec(self, kind):
             return SPEC
 
         def fit(self, msg):

@@ -51,8 +51,11 @@ def test_two_gloo_processes_match_single_process(cfg_file, tmp_path, batch):
     a = load_file(str(single.run_dir / "adapter" / "adapter_model.safetensors"))
     b = load_file(str(clustered.run_dir / "adapter" / "adapter_model.safetensors"))
     assert a.keys() == b.keys()
+    # up to float summation order (the all-reduce sums the ranks' gradients in another order); AdamW's
+    # g/sqrt(v) magnifies that rounding on coordinates whose gradient is near 0: on this machine one
+    # of 128 entries differs by 1.3e-5 on main already (AMD EPYC), so 1e-5 absolute was too tight
     for k in a:
-        torch.testing.assert_close(b[k], a[k], rtol=1e-4, atol=1e-5)
+        torch.testing.assert_close(b[k], a[k], rtol=1e-4, atol=5e-5)
     assert max(a[k].abs().max().item() for k in a if "lora_B" in k) > 1e-3  # B starts at 0: it trained
 
     def fits(res):

@@ -341,14 +341,18 @@ def test_lossy_codecs_both_ways_end_to_end_and_resume(cfg_file, tmp_path, monkey
     assert rounds[-1]["val_loss"] < rounds[0]["val_loss"]  # it still learns
     assert all(0 < r["up_rel_error"] < 1 for r in client_rows)
 
-    master = load_file(str(straight.run_dir / "checkpoints" / "round_00002" / "server.safetensors"))
+    from fedtune.checkpoint import load_checkpoint
+    from fedtune.state import ClientStateStore
+
+    _, server_state, _ = load_checkpoint(straight.run_dir / "checkpoints" / "round_00002", ClientStateStore(None))
+    master = server_state["global"]  # FedAvg's server state: the exact fp32 global adapter
     saved = _adapter(straight.run_dir)
     n = sum(t.numel() for t in saved.values())
     assert all(u < 0.5 * 4 * n for *_, u in fits) and all(d < 0.6 * 4 * n for _, _, d, _ in fits)
     # the saved adapter is what clients hold (the bf16 image of the server's exact fp32 master)
     assert len(master) == len(saved)
     for name, t in master.items():
-        peft_name = name.removeprefix("global/").replace(".default", "")
+        peft_name = name.replace(".default", "")
         assert torch.equal(saved[peft_name], t.to(torch.bfloat16).float())
     assert any(not torch.equal(t, t.to(torch.bfloat16).float()) for t in master.values())
     state = load_file(str(straight.run_dir / "checkpoints" / "round_00002" / "clients" / "alpha.safetensors"))

@@ -343,6 +343,7 @@ def test_client_keeps_its_fp16_loss_scale_and_lr_curve_across_rounds(peft_model,
     from fedtune.client import ClientRuntime, FedClient
     from fedtune.config import config_from_dict
     from fedtune.messages import Message
+    from fedtune.payload import flatten
 
     pm, _ = peft_model
     init = get_adapter_state(pm)
@@ -362,7 +363,7 @@ def test_client_keeps_its_fp16_loss_scale_and_lr_curve_across_rounds(peft_model,
 
     monkeypatch.setattr(client_mod, "train_local", spy)
     for rnd in (1, 3):  # the client is not sampled in round 2
-        client.fit(Message(tensors=init, config={"round": rnd}))
+        client.fit(Message(tensors=flatten({"adapter": init}), config={"round": rnd}))
     set_adapter_state(pm, init)
     (entry1, exit1, start1, lr1), (entry2, exit2, start2, lr2) = seen
     fresh = torch.amp.GradScaler("cpu").state_dict()

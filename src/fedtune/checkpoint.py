@@ -2,7 +2,9 @@
 
 Layout of ``RUN_DIR/checkpoints/round_00012/``::
 
-    server.safetensors   global adapter(s) + algorithm state; JSON meta (round, fingerprint, clients)
+    server.safetensors   the algorithm's server state (Algorithm.state_dict: the global adapter(s),
+                         server optimizer moments, control variates, ...) as tensors; JSON meta
+                         (round, fingerprint, clients, algorithm name and its JSON state)
     rng.safetensors      global torch (CPU, CUDA), NumPy and Python RNG states (restored on resume)
     clients/             every client's persistent state (optimizer, data position, loss scale, ...)
     adapter/, adapters/  the round's PEFT adapter(s), written before ``latest`` names the checkpoint
@@ -81,7 +83,22 @@ def restore_rng_state(checkpoint: Path) -> None:
     random.setstate((version, tuple(internal), gauss_next))
 
 
-def save_checkpoint(run_dir: Path, rnd: int, models: dict[str, TensorDict], store: ClientStateStore,
+def _pack(state: dict[str, TensorDict]) -> tuple[TensorDict, list[str]]:
+    """Grouped tensors as one flat dict: ``<i>/<name>`` with ``i`` indexing the returned group
+    names (any group name is safe, client ids included)."""
+    groups = sorted(state)
+    return {f"{i}/{name}": t.contiguous() for i, g in enumerate(groups) for name, t in state[g].items()}, groups
+
+
+def _unpack(tensors: TensorDict, groups: list[str]) -> dict[str, TensorDict]:
+    out: dict[str, TensorDict] = {g: {} for g in groups}
+    for key, t in tensors.items():
+        i, _, name = key.partition("/")
+        out[groups[int(i)]][name] = t
+    return out
+
+
+def save_checkpoint(run_dir: Path, rnd: int, server_state: dict[str, TensorDict], store: ClientStateStore,
                     meta: dict[str, Any], keep: int = 2, then: Callable[[], None] | None = None) -> Path:
     """Write round ``rnd``'s checkpoint; ``then()`` runs once it is in place but before ``latest``
     names it (the round's PEFT adapters are written there), so ``latest`` always names a
@@ -93,8 +110,8 @@ def save_checkpoint(run_dir: Path, rnd: int, models: dict[str, TensorDict], stor
     final = root / f"round_{rnd:05d}"
     tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.", dir=root))
     try:
-        tensors = {f"{key}/{name}": t.contiguous() for key, sd in models.items() for name, t in sd.items()}
-        full_meta = dict(meta, round=rnd, models=sorted(models))
+        tensors, groups = _pack(server_state)
+        full_meta = dict(meta, round=rnd, groups=groups)
         save_file(tensors, str(tmp / "server.safetensors"), metadata={"meta": json.dumps(full_meta)})
         _save_rng_state(tmp / "rng.safetensors")
         store.snapshot(tmp / "clients")
@@ -123,15 +140,11 @@ def latest_checkpoint(run_dir: Path) -> Path | None:
 
 
 def load_checkpoint(path: Path, store: ClientStateStore) -> tuple[int, dict[str, TensorDict], dict[str, Any]]:
+    """(round, the algorithm's server state as saved, the checkpoint's metadata); restores ``store``."""
     from safetensors import safe_open
 
-    models: dict[str, TensorDict] = {}
     with safe_open(str(path / "server.safetensors"), framework="pt") as f:
         meta = json.loads(f.metadata()["meta"])
-        for name in f.keys():
-            key, _, tname = name.partition("/")
-            models.setdefault(key, {})[tname] = f.get_tensor(name)
-    for key in meta.get("models", []):
-        models.setdefault(key, {})
+        tensors = {name: f.get_tensor(name) for name in f.keys()}
     store.restore(path / "clients")
-    return int(meta["round"]), models, meta
+    return int(meta["round"]), _unpack(tensors, list(meta.get("groups", []))), meta

@@ -212,10 +212,18 @@ class CommConfig(_Section):
 class FLConfig(_Section):
     """The federated part: who trains, how updates are combined."""
 
-    #: ``fed``: federated; ``global``: one client holding all data; ``local``: each client alone.
+    #: ``fed``: federated; ``global``: one client holding all data; ``local``: each client alone
+    #: (the ``local`` algorithm: nothing is aggregated).
     scenario: Literal["fed", "global", "local"] = "fed"
+    #: a registered algorithm (docs/algorithms.md): fedavg, fedprox, fedavgm, fedadam, fedyogi,
+    #: fedadagrad, scaffold, median, trimmed_mean, krum, multi_krum, norm_bounding, local.
     algorithm: str = "fedavg"
+    #: the algorithm's options, e.g. ``{mu: 0.01}`` for fedprox; validated against the algorithm's
+    #: own typed options (unknown keys are rejected with the closest valid one).
+    options: dict[str, Any] = Field(default_factory=dict)
     #: ``samples``: weight each update by its client's training examples; ``uniform``: equal.
+    #: (The robust rules — median, trimmed_mean, krum, multi_krum, norm_bounding — ignore sizes:
+    #: a Byzantine client could claim any number of examples.)
     weighting: Literal["samples", "uniform"] = "samples"
     rounds: int = Field(default=10, ge=1)
     #: clients sampled per round: an int count, or a float fraction in (0, 1].
@@ -228,6 +236,9 @@ class FLConfig(_Section):
             raise ValueError("clients_per_round as a fraction must lie in (0, 1]")
         if isinstance(c, int) and not isinstance(c, bool) and c < 1:
             raise ValueError("clients_per_round must be at least 1")
+        if self.scenario == "local" and self.algorithm not in ("fedavg", "local"):
+            raise ValueError(f"fl.scenario=local trains every client alone (the 'local' algorithm); "
+                             f"fl.algorithm={self.algorithm} needs fl.scenario=fed or global")
         return self
 
 
@@ -376,13 +387,25 @@ def config_from_dict(d: dict[str, Any]) -> Config:
     """Validate a nested dict into a :class:`Config`, turning pydantic errors into one message."""
     _check_keys(d, Config, "")
     try:
-        return Config.model_validate(d)
+        cfg = Config.model_validate(d)
     except ValidationError as e:
         problems = []
         for err in e.errors():
             loc = ".".join(str(x) for x in err["loc"])
             problems.append(f"{loc}: {err['msg']} (got {err.get('input')!r})")
         raise FedtuneError("invalid config:\n  " + "\n  ".join(problems)) from None
+    _check_algorithm(cfg.fl)
+    return cfg
+
+
+def _check_algorithm(fl: FLConfig) -> None:
+    """``fl.algorithm`` names a registered algorithm and ``fl.options`` fit its typed options.
+
+    The options are defined (and typed) in each algorithm's own file; importing the registry here,
+    inside the function, keeps this module importable without torch and without a cycle."""
+    from fedtune.algorithms import parse_options, resolved_name
+
+    parse_options(resolved_name(fl), fl.options)
 
 
 def load_config(path: str | Path | None, overrides: list[str] | None = None) -> Config:

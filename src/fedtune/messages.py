@@ -23,7 +23,7 @@ from typing import Any
 import torch
 
 from fedtune.codecs import COMPRESSOR_TYPES, Pipeline, decode_tensors, encode_tensors
-from fedtune.codecs.base import DTYPES, Spec, numel
+from fedtune.codecs.base import DTYPES, Spec, as_spec, numel
 from fedtune.errors import MessageError
 from fedtune.limits import MAX_MESSAGE_BYTES
 
@@ -55,8 +55,12 @@ class Message:
     #: how to encode the tensors on the wire (``None``: plain safetensors); not itself sent —
     #: the bytes describe themselves.
     codec: Pipeline | None = None
-    #: the tensors are a difference from the adapter the receiver sent (sent on the wire)
-    delta: bool = False
+    #: tensor groups (``group/name`` prefixes, see :mod:`fedtune.payload`) carried as differences
+    #: from what the receiver sent under the same names (sent on the wire)
+    delta: tuple[str, ...] = ()
+    #: names of floating-point tensors the codec's lossy stages must leave exact (seeds, integer
+    #: masks, ...); not itself sent — the bytes describe which tensors are coded
+    exact: frozenset[str] = frozenset()
 
 
 def encode(msg: Message) -> bytes:
@@ -64,11 +68,11 @@ def encode(msg: Message) -> bytes:
 
     meta: dict[str, Any] = {"metrics": msg.metrics, "config": msg.config}
     if msg.delta:
-        meta["delta"] = True
+        meta["delta"] = sorted(msg.delta)
     tensors = {k: v.detach().contiguous().cpu() for k, v in msg.tensors.items()}
     pipe = msg.codec
     if pipe is not None and pipe.stages:
-        tensors, specs = encode_tensors(tensors, pipe.stages)
+        tensors, specs = encode_tensors(tensors, pipe.stages, skip=msg.exact)
         if specs:
             meta["codecs"] = specs
     data = save(tensors, metadata={_META_KEY: json.dumps(meta, sort_keys=True)})
@@ -170,14 +174,18 @@ def _check_config(config: dict) -> None:
 
 
 def decode(data: bytes, *, expect: Spec | None = None, allow_nonfinite: bool = False) -> Message:
-    """Parse bytes strictly. ``expect`` maps names to (shape, dtype) the receiver requires.
+    """Parse bytes strictly. ``expect`` maps names to what the receiver requires: a
+    :class:`~fedtune.codecs.base.TensorSpec`-like object with ``shape``, ``dtype`` and ``accepts``
+    (a bounded variable first dimension allowed), or a plain ``(shape, dtype)`` pair.
 
     With ``expect``, a compressed message may expand to at most about 16 bytes per expected
-    element, and coded tensors' declared shapes are checked before anything is rebuilt.
+    element (the largest allowed size), and coded tensors' declared shapes are checked before
+    anything is rebuilt.
     """
     tensors, meta = _read(data)
     if expect is not None:
-        expected_elems = sum(numel(tuple(s)) for s, _ in expect.values())
+        expect = {k: as_spec(v) for k, v in expect.items()}
+        expected_elems = sum(numel(tuple(s.shape)) for s in expect.values())
         limit = min(MAX_MESSAGE_BYTES, _BYTES_PER_ELEMENT * expected_elems + _HEADER_ROOM)
     else:
         expected_elems, limit = None, MAX_MESSAGE_BYTES
@@ -191,9 +199,12 @@ def decode(data: bytes, *, expect: Spec | None = None, allow_nonfinite: bool = F
     if not isinstance(body, dict):
         raise MessageError("message metadata is not an object")
     metrics, config = body.get("metrics") or {}, body.get("config") or {}
-    delta = body.get("delta", False)
-    if not isinstance(metrics, dict) or not isinstance(config, dict) or not isinstance(delta, bool):
-        raise MessageError("message metadata: metrics and config must be objects, delta a boolean")
+    delta = body.get("delta", [])
+    if not isinstance(metrics, dict) or not isinstance(config, dict):
+        raise MessageError("message metadata: metrics and config must be objects")
+    if not (isinstance(delta, list) and len(delta) <= MAX_ENTRIES
+            and all(isinstance(g, str) and 0 < len(g) <= MAX_NAME for g in delta) and len(set(delta)) == len(delta)):
+        raise MessageError("message metadata: delta must be a list of distinct tensor group names")
     _check_metrics(metrics)
     _check_config(config)
     max_elems = expected_elems if expected_elems is not None else MAX_MESSAGE_BYTES // 2
@@ -203,12 +214,12 @@ def decode(data: bytes, *, expect: Spec | None = None, allow_nonfinite: bool = F
             missing = sorted(expect.keys() - tensors.keys())[:3]
             extra = sorted(tensors.keys() - expect.keys())[:3]
             raise MessageError(f"tensor names differ: missing {missing}, unexpected {extra}")
-        for k, (shape, dtype) in expect.items():
+        for k, want in expect.items():
             t = tensors[k]
-            if tuple(t.shape) != tuple(shape) or t.dtype != dtype:
-                raise MessageError(f"tensor '{k}': got {tuple(t.shape)} {t.dtype}, expected {tuple(shape)} {dtype}")
+            if not want.accepts(tuple(t.shape), t.dtype):
+                raise MessageError(f"tensor '{k}': got {tuple(t.shape)} {t.dtype}, expected {want.describe()}")
     if not allow_nonfinite:
         for k, t in tensors.items():
             if t.is_floating_point() and not torch.isfinite(t).all():
                 raise MessageError(f"tensor '{k}' holds NaN or Inf")
-    return Message(tensors=tensors, metrics=metrics, config=config, delta=delta)
+    return Message(tensors=tensors, metrics=metrics, config=config, delta=tuple(delta))

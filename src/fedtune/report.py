@@ -43,7 +43,23 @@ def round_table(rnd: int, row: dict[str, Any], client_rows: list[dict[str, Any]]
                  human_bytes(row.get("bytes_down")), human_bytes(row.get("bytes_up")),
                  _f(row.get("seconds"), "{:.1f}s")])
     title = f"round {rnd}" if rnd else "round 0 (before training)"
-    return f"\n{title}\n{table(headers, body)}"
+    extra = extra_metrics(row)
+    more = "\n" + "  ".join(f"{k} {_f(v, '{:.4g}')}" for k, v in extra.items()) if extra else ""
+    return f"\n{title}\n{table(headers, body)}{more}"
+
+
+#: round-row keys the tables above already show, or bookkeeping nobody needs per round
+_SHOWN = {"round", "kind", "clients", "rejected", "bytes_down", "bytes_up", "eval_bytes_down", "eval_bytes_up",
+          "train_loss", "val_loss", "test_loss", "val_ppl", "test_ppl", "seconds", "peak_rss_mb", "gpu_peak_mb",
+          "tokens_per_s", "train_tokens", "train_label_tokens", "train_examples", "train_seconds", "step_seconds",
+          "steps", "lr", "num_train", "task_eval_seconds"}
+
+
+def extra_metrics(row: dict[str, Any]) -> dict[str, float]:
+    """What an algorithm or objective adds to a round row (server step norms, control variates,
+    local losses, codec error, task scores, ...): shown under the round table, never dropped."""
+    return {k: v for k, v in sorted(row.items()) if k not in _SHOWN and isinstance(v, (int, float))
+            and not isinstance(v, bool) and not k.endswith("_mean_of_clients")}
 
 
 def summary_table(rows: list[dict[str, Any]]) -> str:

@@ -21,7 +21,7 @@ import torch
 import yaml
 
 from fedtune.adapters import attach_adapter, get_adapter_state, save_adapter
-from fedtune.algorithms import get_algorithm
+from fedtune.algorithms import Algorithm, Setup, build_algorithm
 from fedtune.checkpoint import latest_checkpoint, load_checkpoint, restore_rng_state
 from fedtune.client import ClientRuntime, FedClient
 from fedtune.config import Config, config_from_dict, save_config
@@ -29,7 +29,7 @@ from fedtune.errors import FedtuneError
 from fedtune.metrics import MetricsLogger
 from fedtune.models import load_model
 from fedtune.report import human_bytes, plot_losses, round_table, summary_table
-from fedtune.server import GLOBAL, RoundHooks, Server
+from fedtune.server import GLOBAL, RoundHooks, Server, clients_per_round
 from fedtune.state import ClientStateStore
 from fedtune.transport import InProcessTransport
 from fedtune.utils import derive_seed, resolve_device, safe_name, seed_everything
@@ -238,18 +238,29 @@ def adapter_saver(cfg: Config, am: AdapterModel, run_dir: Path):
     return save_adapters
 
 
-def initial_models(cfg: Config, names: list[str], init: dict[str, torch.Tensor]) -> dict[str, dict[str, torch.Tensor]]:
-    return {cid: dict(init) for cid in names} if cfg.fl.scenario == "local" else {GLOBAL: init}
+def algorithm_setup(cfg: Config, algorithm: Algorithm, clients: list[str], num_train: dict[str, int],
+                    init: dict[str, torch.Tensor]) -> Setup:
+    """Check the federation against the algorithm (before anything is written) and give the
+    algorithm its round-0 server state; the same for the simulation and the deployment."""
+    setup = Setup(clients=list(clients), num_train=dict(num_train), rounds=cfg.fl.rounds,
+                  per_round=clients_per_round(cfg.fl.clients_per_round, len(clients)), adapter=dict(init))
+    algorithm.check(setup)
+    algorithm.init(setup)
+    return setup
 
 
-def resume_state(run_dir: Path, store: ClientStateStore, echo
-                 ) -> tuple[int, dict[str, dict[str, torch.Tensor]], int, dict[str, Any]]:
-    """Load the last checkpoint: (round it holds, models, first round to run, its metadata)."""
+def resume_state(run_dir: Path, store: ClientStateStore, algorithm: Algorithm, echo) -> tuple[int, int, dict[str, Any]]:
+    """Load the last checkpoint into ``algorithm`` and ``store``: (round it holds, first round to
+    run, its metadata)."""
     ckpt = latest_checkpoint(run_dir)
-    resume_round, models, meta = load_checkpoint(ckpt, store)
+    resume_round, server_state, meta = load_checkpoint(ckpt, store)
+    if meta.get("algorithm", algorithm.name) != algorithm.name:
+        raise FedtuneError(f"--resume {run_dir}: its checkpoint holds {meta['algorithm']}'s state, this run is "
+                           f"{algorithm.name}")
+    algorithm.load_state_dict(server_state, meta.get("algorithm_meta", {}))
     restore_rng_state(ckpt)  # last: nothing draws between here and the next round
     echo(f"resuming from {ckpt} (round {resume_round})")
-    return resume_round, models, resume_round + 1, meta
+    return resume_round, resume_round + 1, meta
 
 
 def start_run(cfg: Config, resume: Path | str | None) -> Path:
@@ -284,7 +295,8 @@ def run(cfg: Config, resume: Path | str | None = None, *, verbose: bool = True) 
         with rd.setting_up(cfg):
             server, logger, start = _setup_server(cfg, b, rd.path, resume, echo, verbose, task_eval)
         server.run(start_round=start)
-        return finish_run(cfg, logger, rd.path, len(b.train_clients), t_start, echo)
+        return finish_run(cfg, logger, rd.path, len(b.train_clients), t_start, echo,
+                          per_client=GLOBAL not in b.algorithm.adapters())
     finally:
         stop_cluster(cluster, followers, threads)
 
@@ -313,7 +325,7 @@ def _build(cfg: Config, device: torch.device, store: ClientStateStore) -> _Built
     tok = load_client_data(cfg, base[1])
     names = list(tok)
     am = build_adapter_model(cfg, base, device)
-    algorithm = get_algorithm(cfg.fl.algorithm, weighting=cfg.fl.weighting)
+    algorithm = build_algorithm(cfg.fl)
     rt = ClientRuntime(model=am.model, pad_id=am.tokenizer.pad_token_id, cfg=cfg, device=am.device,
                        algorithm=algorithm, store=store)
     clients: dict[str, FedClient] = {n: FedClient(n, rt, **tok[n]) for n in names}
@@ -322,6 +334,7 @@ def _build(cfg: Config, device: torch.device, store: ClientStateStore) -> _Built
         train_clients = [GLOBAL]
     else:
         train_clients = names
+    algorithm_setup(cfg, algorithm, train_clients, {c: clients[c].num_train for c in train_clients}, am.init)
     return _Built(am, rt, clients, names, train_clients, algorithm)
 
 
@@ -395,29 +408,29 @@ def _setup_server(cfg: Config, b: _Built, run_dir: Path, resume, echo, verbose: 
     (server, its metrics logger, first round to run)."""
     clients, names, train_clients, store = b.clients, b.names, b.train_clients, b.rt.store
     echo(f"fedtune: {cfg.model.name} + {cfg.peft.method}, {len(names)} clients "
-         f"({cfg.fl.scenario}, {cfg.fl.algorithm}), {cfg.fl.rounds} rounds"
+         f"({cfg.fl.scenario}, {b.algorithm.name}), {cfg.fl.rounds} rounds"
          f"{f' on {cfg.train.world_size} processes per client' if cfg.train.world_size > 1 else ''} → {run_dir}")
     num_train = {cid: clients[cid].num_train for cid in train_clients}
-    models = initial_models(cfg, names, b.am.init)
 
     start = 1
     resume_round = None
     if resume:
-        resume_round, models, start, _ = resume_state(run_dir, store, echo)
+        resume_round, start, _ = resume_state(run_dir, store, b.algorithm, echo)
     logger = MetricsLogger(run_dir, tensorboard=cfg.output.tensorboard, resume_round=resume_round)
     server = Server(cfg=cfg, algorithm=b.algorithm, transport=InProcessTransport(clients),
-                    train_clients=train_clients, eval_clients=names, num_train=num_train, models=models,
+                    train_clients=train_clients, eval_clients=names, num_train=num_train,
                     store=store, logger=logger, run_dir=run_dir, save_adapters=adapter_saver(cfg, b.am, run_dir),
                     hooks=console_hooks(cfg, echo, verbose), task_eval=task_eval)
     return server, logger, start
 
 
 def finish_run(cfg: Config, logger: MetricsLogger, run_dir: Path, num_train_clients: int, t_start: float,
-               echo) -> RunResult:
-    """Loss plot, summary table and the closing line of a run."""
+               echo, per_client: bool = False) -> RunResult:
+    """Loss plot, summary table and the closing line of a run (``per_client``: the algorithm keeps
+    one adapter per client, saved under ``adapters/``)."""
     rows = logger.rows
     plot = plot_losses(rows, run_dir / "losses.png")
-    adapter_dir = run_dir / ("adapter" if cfg.fl.scenario != "local" else "adapters")
+    adapter_dir = run_dir / ("adapters" if per_client else "adapter")
     echo("\nsummary\n" + summary_table(rows))
     first = next((r for r in rows if r.get("kind") == "round" and r.get("val_loss") is not None), None)
     result = RunResult(run_dir=run_dir, adapter_dir=adapter_dir, rows=rows)

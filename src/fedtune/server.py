@@ -1,9 +1,12 @@
 """The server half: one federated round you can read top to bottom (Flower ``Strategy.start``).
 
-sample → broadcast → collect → aggregate → evaluate → log → checkpoint.
+sample → configure → exchange (each reply folded as it arrives) → aggregate → evaluate → log →
+checkpoint.
 
-Scenarios (FS-LLM §6.1): ``fed`` and ``global`` keep one global adapter (``global`` simply has a
-single client holding all data); ``local`` keeps one adapter per client and never aggregates.
+The round knows no algorithm and no scenario: what each client is sent, how replies combine and
+which adapters exist all come from the :class:`~fedtune.algorithms.base.Algorithm`'s server half;
+how tensors travel (codecs, differences, strict parsing) from :class:`~fedtune.payload.Wire`; how
+messages reach clients from the :class:`~fedtune.transport.Transport`.
 """
 
 from __future__ import annotations
@@ -20,20 +23,25 @@ from typing import Any
 import numpy as np
 import torch
 
-from fedtune.algorithms import Algorithm, ClientUpdate
+from fedtune.algorithms import Algorithm, Instruction, RoundContext, Update
+from fedtune.algorithms.base import GLOBAL, TensorDict
 from fedtune.checkpoint import save_checkpoint
-from fedtune.codecs import Pipeline, build_pipeline
 from fedtune.config import Config
+from fedtune.errors import MessageError
 from fedtune.messages import Message
 from fedtune.metrics import MetricsLogger, gpu_peak_mb, peak_rss_mb
+from fedtune.payload import Wire
 from fedtune.state import ClientStateStore
 from fedtune.transport import Reply, Transport
 from fedtune.utils import derive_seed
 
 log = logging.getLogger(__name__)
 
-GLOBAL = "global"
-TensorDict = dict[str, torch.Tensor]
+__all__ = ["GLOBAL", "RoundHooks", "Server"]
+
+#: client metrics pooled into the round row by a rule of their own (everything else: the mean
+#: over the clients that reported it)
+_SUMMED = ("train_tokens", "skipped_nonfinite", "train_examples", "train_label_tokens")
 
 
 @dataclass
@@ -53,7 +61,6 @@ class Server:
     train_clients: list[str]  # who trains
     eval_clients: list[str]  # on whose data adapters are evaluated
     num_train: dict[str, int]
-    models: dict[str, TensorDict]  # GLOBAL -> adapter, or cid -> adapter (local scenario)
     store: ClientStateStore
     logger: MetricsLogger
     run_dir: Path
@@ -63,108 +70,44 @@ class Server:
     #: round and the current adapter(s), returns round metrics and per-client metrics.
     task_eval: Callable[[int, dict[str, TensorDict]], tuple[dict[str, Any], dict[str, dict[str, Any]]]] | None = None
 
-    @property
-    def local(self) -> bool:
-        return self.cfg.fl.scenario == "local"
-
-    def model_for(self, cid: str) -> TensorDict:
-        return self.models[cid] if self.local else self.models[GLOBAL]
-
-    # ---- codecs ------------------------------------------------------------------------
-    # ``self.models`` is the server's exact fp32 master copy. What clients hold is what the ``down``
-    # codec makes of it, ``as_sent(master)``: a deterministic function of the master, computed by the
-    # same code that decodes the bytes. Clients send differences from what they hold; the server
-    # adds them to the master (so downlink rounding is never compounded round after round), while
-    # evaluation (it goes through the same codec) and the saved adapters show what clients hold.
-    # Checkpoints keep the master, so a resumed run continues exactly.
+    # The algorithm holds the server's exact fp32 master copies. What clients hold is what the
+    # ``down`` codec makes of them (``Wire.as_sent``): a deterministic function computed by the same
+    # code that decodes the bytes. Evaluation and the saved adapters show what clients hold;
+    # checkpoints keep the masters, so a resumed run continues exactly.
     @cached_property
-    def down_codec(self) -> Pipeline:
-        return build_pipeline(self.cfg.comm, "down")
+    def wire(self) -> Wire:
+        return Wire(self.cfg.comm, self.algorithm.groups)
 
-    def as_sent(self, tensors: TensorDict) -> TensorDict:
-        """The adapter a client decodes when the server sends ``tensors``."""
-        return self.down_codec.roundtrip(tensors)
-
-    def to_weights(self, r: Reply) -> TensorDict:
-        """A fit reply's tensors as full adapter weights (a difference is added to the master)."""
-        assert r.message is not None
-        if not r.message.delta:
-            return r.message.tensors
-        ref = self.model_for(r.cid)
-        return {k: ref[k] + v for k, v in r.message.tensors.items()}
-
-    def expect(self, cids: list[str]) -> dict[str, dict[str, tuple[tuple[int, ...], torch.dtype]]]:
-        """Per client, the tensor names/shapes/dtypes its reply must have (what it was sent), so
-        clients may hold differently shaped adapters (e.g. heterogeneous LoRA ranks)."""
-        return {cid: {k: (tuple(v.shape), v.dtype) for k, v in self.model_for(cid).items()} for cid in cids}
+    def sent_adapters(self) -> dict[str, TensorDict]:
+        return {k: self.wire.as_sent({"adapter": v})["adapter"] for k, v in self.algorithm.adapters().items()}
 
     # ---- the round ---------------------------------------------------------------------
     def sample(self, rnd: int) -> list[str]:
-        c, n = self.cfg.fl.clients_per_round, len(self.train_clients)
-        if c is None or self.local:
+        n = len(self.train_clients)
+        k = clients_per_round(self.cfg.fl.clients_per_round, n)
+        if k >= n:
             return list(self.train_clients)
-        k = max(1, math.ceil(c * n)) if isinstance(c, float) else min(int(c), n)
         rng = np.random.default_rng(derive_seed(self.cfg.seed, "sample", rnd))
         picked = set(rng.choice(n, size=k, replace=False).tolist())
         return [cid for i, cid in enumerate(self.train_clients) if i in picked]
 
+    def context(self, rnd: int, sampled: list[str]) -> RoundContext:
+        eval_local = self.eval_due(rnd) and self.cfg.eval.local_models
+        return RoundContext(round=rnd, rounds=self.cfg.fl.rounds, sampled=sampled, clients=list(self.train_clients),
+                            num_train=self.num_train, config={"round": rnd, "eval_local": eval_local},
+                            eval_clients=list(self.eval_clients))
+
     def run_round(self, rnd: int) -> dict[str, Any]:
         t0 = time.perf_counter()
-        sampled = self.sample(rnd)
+        ctx = self.context(rnd, self.sample(rnd))
         if self.hooks.on_round_start:
-            self.hooks.on_round_start(rnd, sampled)
-        eval_due = self.eval_due(rnd)
-        fit_config = {"round": rnd, "eval_local": eval_due and self.cfg.eval.local_models}
-        down = self.down_codec
-        if self.local:
-            ins = {cid: Message(self.models[cid], config=fit_config, codec=down) for cid in sampled}
-        else:
-            broadcast = Message(self.models[GLOBAL], config=fit_config, codec=down)  # encoded once
-            ins = {cid: broadcast for cid in sampled}
-        stream = self.algorithm.streaming and not self.local
-        acc = self.algorithm.begin(self.models[GLOBAL]) if stream else None
-
-        def on_fit_reply(r: Reply) -> None:
-            if self.hooks.on_reply:
-                self.hooks.on_reply("fit", r)
-            if r.message is None:
-                return
-            r.message.tensors, r.message.delta = self.to_weights(r), False
-            u = ClientUpdate(r.cid, r.message.tensors, self.num_train[r.cid], r.message.metrics)
-            if self.local:
-                self.models[r.cid] = u.tensors
-            elif stream:
-                self.algorithm.fold(acc, u)
-            else:
-                return
-            r.message.tensors = {}  # folded in: do not keep every client's update in memory
-
-        replies = self.transport.send("fit", ins, expect=self.expect(sampled), on_reply=on_fit_reply)
-        ok = [r for r in replies if r.message is not None]
-        updates = [ClientUpdate(r.cid, r.message.tensors, self.num_train[r.cid], r.message.metrics) for r in ok]
-        if stream:
-            self.models[GLOBAL] = self.algorithm.finish(self.models[GLOBAL], acc)
-        elif not self.local:
-            self.models[GLOBAL] = self.algorithm.aggregate(self.models[GLOBAL], updates)
-        client_rows = {r.cid: {"round": rnd, "kind": "client", "client": r.cid, "bytes_down": r.bytes_down,
-                               "bytes_up": r.bytes_up, "seconds": r.seconds, "rejected": r.error} for r in replies}
-        for u in updates:
-            m = u.metrics
-            client_rows[u.cid].update({k: m[k] for k in ("train_loss", "lr", "steps", "train_tokens",
-                                                          "tokens_per_s", "skipped_nonfinite",
-                                                          "step_seconds", "up_rel_error") if k in m})
-            if m.get("local_val_tokens") and "local_val_loss_sum" in m:  # a partial reply is no KeyError
-                client_rows[u.cid]["local_val_loss"] = m["local_val_loss_sum"] / m["local_val_tokens"]
-        row: dict[str, Any] = {
-            "round": rnd, "kind": "round", "clients": len(sampled), "rejected": len(replies) - len(ok),
-            "train_loss": _pool(updates, "train_loss", "train_label_tokens"),
-            "bytes_down": sum(r.bytes_down for r in replies), "bytes_up": sum(r.bytes_up for r in replies),
-            "train_tokens": sum(u.metrics.get("train_tokens", 0) for u in updates),
-            "skipped_nonfinite": sum(u.metrics.get("skipped_nonfinite", 0) for u in updates),
-        }
-        train_s = sum(u.metrics.get("train_seconds", 0.0) for u in updates)
-        row["tokens_per_s"] = row["train_tokens"] / train_s if train_s > 0 else 0.0
-        if eval_due:
+            self.hooks.on_round_start(rnd, ctx.sampled)
+        instructions = self.algorithm.configure_fit(ctx)
+        acc = self.algorithm.begin(ctx)
+        replies = self.exchange("fit", instructions, lambda u: self.algorithm.fold(ctx, acc, u))
+        server_metrics = self.algorithm.finish(ctx, acc)
+        row, client_rows = self.fit_rows(rnd, ctx, replies, server_metrics)
+        if self.eval_due(rnd):
             row.update(self.evaluate(rnd, client_rows))
         self.evaluate_tasks(rnd, row, client_rows)
         row["seconds"] = time.perf_counter() - t0
@@ -185,22 +128,68 @@ class Server:
             self.hooks.on_round_end(rnd, row, rows)
         return row
 
+    def exchange(self, kind: str, instructions: dict[str, Instruction],
+                 fold: Callable[[Update], None] | None = None) -> list[Reply]:
+        """Send each client its instruction (a broadcast is encoded once) and collect the replies,
+        parsed strictly against what each instruction said to expect. Each accepted reply is
+        turned into an :class:`Update` and handed to ``fold`` as it arrives (in the sampled order),
+        then its tensors are dropped: the server never holds every client's update at once unless
+        the algorithm keeps them."""
+        messages: dict[int, Message] = {}
+        for ins in instructions.values():
+            if id(ins) not in messages:
+                messages[id(ins)] = self.wire.instruction(ins)
+        out = {cid: messages[id(ins)] for cid, ins in instructions.items()}
+        expect = {cid: self.wire.reply_spec(kind, ins) for cid, ins in instructions.items()}
+
+        def on_reply(r: Reply) -> None:
+            if r.message is not None and fold is not None:
+                try:
+                    update = self.wire.update(r.cid, r.message, instructions[r.cid], self.num_train.get(r.cid, 0))
+                except MessageError as e:
+                    log.warning("rejected %s reply from client %s: %s", kind, r.cid, e)
+                    r.message, r.error = None, str(e)
+                else:
+                    fold(update)
+                    update.groups = {}
+                    r.message.tensors = {}  # folded in: do not keep every client's update in memory
+            if self.hooks.on_reply:
+                self.hooks.on_reply(kind, r)
+
+        return self.transport.send(kind, out, expect=expect, on_reply=on_reply)
+
+    def fit_rows(self, rnd: int, ctx: RoundContext, replies: list[Reply], server_metrics: dict[str, float]
+                 ) -> tuple[dict[str, Any], dict[str, dict[str, Any]]]:
+        """The round row and one row per client. Every metric a client reports is logged (loss sums
+        become losses); the round row pools them: losses by their token counts, counters summed,
+        anything else the mean over the clients that reported it. The server half's own metrics
+        (``finish``) go in the round row as they are."""
+        client_rows = {r.cid: {"round": rnd, "kind": "client", "client": r.cid, "bytes_down": r.bytes_down,
+                               "bytes_up": r.bytes_up, "seconds": r.seconds, "rejected": r.error} for r in replies}
+        ok = [r for r in replies if r.message is not None]
+        for r in ok:
+            client_rows[r.cid].update(_readable(r.message.metrics))
+        metrics = [r.message.metrics for r in ok]
+        row: dict[str, Any] = {
+            "round": rnd, "kind": "round", "clients": len(ctx.sampled), "rejected": len(replies) - len(ok),
+            "bytes_down": sum(r.bytes_down for r in replies), "bytes_up": sum(r.bytes_up for r in replies),
+        }
+        row.update(_pooled(metrics))
+        train_s = sum(m.get("train_seconds", 0.0) for m in metrics)
+        row["tokens_per_s"] = row.get("train_tokens", 0) / train_s if train_s > 0 else 0.0
+        row.update(server_metrics)
+        return row, client_rows
+
     def eval_due(self, rnd: int) -> bool:
         k = self.cfg.eval.every
         return rnd == self.cfg.fl.rounds or (k > 0 and rnd % k == 0) or (rnd == 0 and k > 0)
 
-    def evaluate(self, rnd: int, client_rows: dict[str, dict[str, Any]] | None = None) -> dict[str, Any]:
+    def evaluate(self, rnd: int, client_rows: dict[str, dict[str, Any]]) -> dict[str, Any]:
         """Loss/perplexity of the current adapter(s) on every eval client's val/test data."""
         splits = self.cfg.eval.splits
-        down = self.down_codec
-        if self.local:
-            ins = {cid: Message(self.model_for(cid), config={"splits": splits}, codec=down)
-                   for cid in self.eval_clients}
-        else:
-            broadcast = Message(self.models[GLOBAL], config={"splits": splits}, codec=down)
-            ins = {cid: broadcast for cid in self.eval_clients}
-        replies = self.transport.send("evaluate", ins,
-                                      on_reply=lambda r: self.hooks.on_reply and self.hooks.on_reply("evaluate", r))
+        ctx = self.context(rnd, [])
+        ctx.config = {"round": rnd, "splits": list(splits)}
+        replies = self.exchange("evaluate", self.algorithm.configure_evaluate(ctx))
         out: dict[str, Any] = {"eval_bytes_down": sum(r.bytes_down for r in replies),
                                "eval_bytes_up": sum(r.bytes_up for r in replies)}
         per_client: dict[str, dict[str, float]] = {}
@@ -215,21 +204,19 @@ class Server:
                 if m.get(f"{split}_tokens") and f"{split}_loss_sum" in m:  # parsing guarantees the pair
                     loss = m[f"{split}_loss_sum"] / m[f"{split}_tokens"]
                     per_client.setdefault(r.cid, {}).update({f"{split}_loss": loss, f"{split}_ppl": _ppl(loss)})
-        if client_rows is not None:
-            for cid, vals in per_client.items():
-                client_rows.setdefault(cid, {"round": rnd, "kind": "client", "client": cid}).update(vals)
-            if self.local:  # FS-LLM's "local": report each client and their unweighted mean
-                for split in splits:
-                    vals = [v[f"{split}_loss"] for v in per_client.values() if f"{split}_loss" in v]
-                    if vals:
-                        out[f"{split}_loss_mean_of_clients"] = float(np.mean(vals))
+            # FS-LLM reports personalised ("local") results as the unweighted mean of the clients
+            vals = [v[f"{split}_loss"] for v in per_client.values() if f"{split}_loss" in v]
+            if vals:
+                out[f"{split}_loss_mean_of_clients"] = float(np.mean(vals))
+        for cid, vals in per_client.items():
+            client_rows.setdefault(cid, {"round": rnd, "kind": "client", "client": cid}).update(vals)
         return out
 
     def evaluate_tasks(self, rnd: int, row: dict[str, Any], client_rows: dict[str, dict[str, Any]]) -> None:
         """Benchmark tasks on the current adapter(s), when configured and due (it decides)."""
         if self.task_eval is None:
             return
-        round_metrics, per_client = self.task_eval(rnd, self.models)
+        round_metrics, per_client = self.task_eval(rnd, self.sent_adapters())
         row.update(round_metrics)
         for cid, vals in per_client.items():
             client_rows.setdefault(cid, {"round": rnd, "kind": "client", "client": cid}).update(vals)
@@ -238,9 +225,11 @@ class Server:
         # the clients are part of the run: a resumed deployment must wait for these, not for
         # whichever SuperNodes happen to be connected when it restarts
         # the adapters go into the checkpoint before ``latest`` names it (see save_checkpoint)
-        sent = {k: self.as_sent(v) for k, v in self.models.items()}
-        save_checkpoint(self.run_dir, rnd, self.models, self.store,
-                        {"fingerprint": self.cfg.fingerprint(), "clients": list(self.train_clients)},
+        sent = self.sent_adapters()
+        tensors, meta = self.algorithm.state_dict()
+        save_checkpoint(self.run_dir, rnd, tensors, self.store,
+                        {"fingerprint": self.cfg.fingerprint(), "clients": list(self.train_clients),
+                         "algorithm": self.algorithm.name, "algorithm_meta": meta},
                         keep=self.cfg.checkpoint.keep, then=lambda: self.save_adapters(rnd, sent, final))
 
     def run(self, start_round: int = 1) -> list[dict[str, Any]]:
@@ -261,14 +250,58 @@ class Server:
         return rows
 
 
+def clients_per_round(c: int | float | None, n: int) -> int:
+    """How many of ``n`` clients ``fl.clients_per_round`` samples each round."""
+    if c is None:
+        return n
+    return max(1, math.ceil(c * n)) if isinstance(c, float) else min(int(c), n)
+
+
 def _ppl(loss: float) -> float:
     """Perplexity of a mean token loss (capped at e^50: an untrained model must not overflow)."""
     return math.exp(min(loss, 50))
 
 
-def _pool(updates: list[ClientUpdate], key: str, weight_key: str) -> float | None:
-    num = sum(u.metrics.get(key, 0.0) * u.metrics.get(weight_key, 0) for u in updates
-              if u.metrics.get(weight_key) and math.isfinite(u.metrics.get(key, float("nan"))))
-    den = sum(u.metrics.get(weight_key, 0) for u in updates
-              if u.metrics.get(weight_key) and math.isfinite(u.metrics.get(key, float("nan"))))
-    return num / den if den else None
+def _readable(metrics: dict[str, float]) -> dict[str, float]:
+    """A client's metrics for its row: ``<x>_loss_sum`` with ``<x>_tokens`` becomes ``<x>_loss``."""
+    out = {k: v for k, v in metrics.items() if not k.endswith("_loss_sum")}
+    for k in metrics:
+        if k.endswith("_loss_sum"):
+            p = k[: -len("_loss_sum")]
+            if metrics.get(f"{p}_tokens"):  # a partial reply is no KeyError (parsing pairs them)
+                out[f"{p}_loss"] = metrics[k] / metrics[f"{p}_tokens"]
+    return out
+
+
+def _pooled(metrics: list[dict[str, float]]) -> dict[str, float]:
+    """Round values of the clients' metrics: the training loss pooled over labelled tokens, loss
+    sums over their token counts, counters summed, the rest averaged over those reporting them."""
+    out: dict[str, float] = {}
+    keys = sorted({k for m in metrics for k in m})
+    pairs = [("train_loss", "train_label_tokens")] + [
+        (k[: -len("_sum")], k[: -len("_loss_sum")] + "_tokens") for k in keys if k.endswith("_loss_sum")]
+    for loss_key, count_key in pairs:
+        total = sum(m[count_key] for m in metrics if m.get(count_key) and _has(m, loss_key, count_key))
+        if total:
+            num = sum(_value(m, loss_key, count_key) * m[count_key] for m in metrics
+                      if m.get(count_key) and _has(m, loss_key, count_key))
+            out[loss_key] = num / total
+    for k in keys:
+        if k.endswith("_loss_sum") or k == "train_loss":
+            continue
+        vals = [m[k] for m in metrics if k in m and math.isfinite(m[k])]
+        if vals and k not in out:
+            out[k] = sum(vals) if (k in _SUMMED or k.endswith("_tokens")) else sum(vals) / len(vals)
+    return out
+
+
+def _has(m: dict[str, float], loss_key: str, count_key: str) -> bool:
+    raw = m.get(f"{loss_key}_sum", m.get(loss_key))
+    return raw is not None and math.isfinite(raw)
+
+
+def _value(m: dict[str, float], loss_key: str, count_key: str) -> float:
+    """A client's mean loss: ``train_loss`` itself, or ``<x>_loss_sum / <x>_tokens``."""
+    if f"{loss_key}_sum" in m:
+        return m[f"{loss_key}_sum"] / m[count_key]
+    return m[loss_key]

@@ -13,7 +13,7 @@ import inspect
 import logging
 import math
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import nullcontext
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
@@ -140,7 +140,13 @@ class TrainStats:
     tokens: int = 0  # real (non-padding) input tokens
     skipped_nonfinite: int = 0
     seconds: float = 0.0
-    lr: float = 0.0
+    lr: float = 0.0  # the last step's learning rate
+    lr_sum: float = 0.0  # over the steps applied (skipped ones excluded): what the weights moved by
+
+    @property
+    def applied(self) -> int:
+        """Optimizer steps that changed the weights (not skipped as non-finite)."""
+        return self.steps - self.skipped_nonfinite
 
     @property
     def loss(self) -> float:
@@ -230,7 +236,7 @@ def lm_loss(forward: Callable, batch: dict[str, torch.Tensor], label_logits_only
 def train_local(
     model: torch.nn.Module,
     data,  # TokenizedDataset: .input_ids, .labels
-    stream: BatchStream,
+    stream: Iterator[list[int]],
     optimizer: torch.optim.Optimizer,
     cfg: TrainConfig,
     *,
@@ -240,11 +246,18 @@ def train_local(
     pad_id: int,
     device: torch.device,
     extra_loss: Callable[[torch.nn.Module], torch.Tensor] | None = None,
+    on_grads: Callable[[list[torch.nn.Parameter]], None] | None = None,
     scaler: torch.amp.GradScaler | None = None,
     on_step: Callable[[TrainStats], None] | None = None,
     parallel: DataParallel | None = None,
 ) -> TrainStats:
     """Run ``steps`` optimizer steps of local training and return what happened.
+
+    ``stream`` yields each micro-batch's example indices (a :class:`BatchStream`, or any iterator).
+    ``extra_loss(model)`` is added to the loss of every micro-batch, weighted like it (so once per
+    step in all). ``on_grads(params)`` is called on each step whose gradients are finite, with the
+    final gradients in ``p.grad`` (accumulated, all-reduced, unscaled) before clipping; it may
+    change them in place (SCAFFOLD's correction).
 
     ``parallel`` (clustered mode, :mod:`fedtune.distributed`) spreads each step's examples over
     several processes: this process trains on its slice through the DDP-wrapped model, the loss is
@@ -315,11 +328,7 @@ def train_local(
             if scaler is not None:
                 scaler.unscale_(optimizer)
                 unscaled = True
-            if cfg.max_grad_norm is not None:
-                norm = torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
-            else:
-                norm = torch.sqrt(sum((p.grad.float() ** 2).sum() for p in params if p.grad is not None))
-            finite = bool(torch.isfinite(norm))
+            finite = _grads_finite_then_clip(params, cfg.max_grad_norm, on_grads)
         if finite:
             if scaler is not None:
                 scaler.step(optimizer)
@@ -328,6 +337,7 @@ def train_local(
                 optimizer.step()
             stats.loss_sum += step_loss
             stats.label_tokens += total
+            stats.lr_sum += lr
         else:
             # NaN/Inf guard: drop this step's gradients, leave weights untouched, count it.
             optimizer.zero_grad(set_to_none=True)
@@ -346,6 +356,21 @@ def train_local(
     stats.seconds = time.perf_counter() - t0
     model.eval()
     return stats
+
+
+def _grads_finite_then_clip(params: list[torch.nn.Parameter], max_norm: float | None,
+                            on_grads: Callable[[list[torch.nn.Parameter]], None] | None) -> bool:
+    """Whether the step's gradients are finite; if so, hand them to ``on_grads`` and clip them."""
+    if on_grads is None and max_norm is not None:  # one pass: clip_grad_norm_ returns the norm
+        return bool(torch.isfinite(torch.nn.utils.clip_grad_norm_(params, max_norm)))
+    norm = torch.sqrt(sum((p.grad.float() ** 2).sum() for p in params if p.grad is not None))
+    if not torch.isfinite(norm):
+        return False
+    if on_grads is not None:
+        on_grads(params)
+        if max_norm is not None:
+            return bool(torch.isfinite(torch.nn.utils.clip_grad_norm_(params, max_norm)))
+    return True
 
 
 @torch.no_grad()

@@ -19,14 +19,17 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Protocol
 
-import torch
 
+
+from fedtune.codecs.base import TensorSpec
 from fedtune.messages import Message, MessageError, decode, encode
 
 log = logging.getLogger(__name__)
 
-#: name -> (shape, dtype) that a reply's tensors must match exactly
-Spec = dict[str, tuple[tuple[int, ...], torch.dtype]]
+#: name -> what a reply's tensor must be (:class:`~fedtune.codecs.base.TensorSpec`)
+Spec = dict[str, TensorSpec]
+#: a message kind: ``fit``, ``evaluate``, or one an algorithm adds (``Algorithm.exchanges``)
+KIND_CHARS = set("abcdefghijklmnopqrstuvwxyz_")
 
 
 @dataclass
@@ -42,9 +45,10 @@ class Reply:
 class Transport(Protocol):
     def send(self, kind: str, instructions: dict[str, Message], *, expect: dict[str, Spec] | None = None,
              on_reply: Callable[[Reply], None] | None = None) -> list[Reply]:
-        """Deliver ``instructions[cid]`` (``kind`` is ``fit`` or ``evaluate``) and collect replies.
+        """Deliver ``instructions[cid]`` (``kind``: ``fit``, ``evaluate`` or an algorithm's own) and
+        collect replies.
 
-        ``expect[cid]`` is the tensor spec a ``fit`` reply from ``cid`` must match exactly. Replies
+        ``expect[cid]`` is the tensor spec a reply from ``cid`` must match exactly. Replies
         come back in the order of ``instructions`` (a fixed, sampled order) so that aggregation is
         deterministic whatever the network does; ``on_reply`` is called for each as it is parsed.
         """
@@ -52,14 +56,19 @@ class Transport(Protocol):
 
 
 def handle_on_client(client, kind: str, data: bytes) -> bytes:
-    """Client side of one exchange: parse the instruction, run ``client.fit``/``evaluate``, encode."""
-    if kind not in ("fit", "evaluate"):
-        raise MessageError(f"unknown message kind '{kind}'")
-    # The client knows the adapter it holds: the instruction must match it (and a compressed
-    # instruction may not expand past its size).
-    spec = client.adapter_spec() if hasattr(client, "adapter_spec") else None
-    received = decode(data, expect=spec)
-    answer = client.fit(received) if kind == "fit" else client.evaluate(received)
+    """Client side of one exchange: parse the instruction strictly against what this client's
+    algorithm half says it may hold (a compressed instruction may not expand past it either), run
+    ``client.fit`` / ``evaluate`` / ``exchange``, encode the reply."""
+    extra = tuple(getattr(getattr(getattr(client, "rt", None), "algorithm", None), "exchanges", ()))
+    if kind not in ("fit", "evaluate", *extra):
+        raise MessageError(f"unknown message kind '{kind[:40]}'")
+    received = decode(data, expect=client.instruction_spec(kind))
+    if kind == "fit":
+        answer = client.fit(received)
+    elif kind == "evaluate":
+        answer = client.evaluate(received)
+    else:
+        answer = client.exchange(kind, received)
     return encode(answer)
 
 
@@ -93,7 +102,7 @@ def parse_reply(cid: str, kind: str, up: bytes | None, *, bytes_down: int, secon
         return Reply(cid, None, bytes_down, 0, seconds, error=error or "no reply")
     try:
         # an evaluate reply carries metrics only: expecting no tensors also caps its size
-        parsed = decode(up, expect=expect if kind == "fit" else {})
+        parsed = decode(up, expect={} if kind == "evaluate" else expect)
         check_reply_metrics(kind, parsed.metrics)
         return Reply(cid, parsed, bytes_down, len(up), seconds)
     except MessageError as e:

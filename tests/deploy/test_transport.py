@@ -8,6 +8,8 @@ import sys
 
 import pytest
 import torch
+
+from fedtune.payload import flatten
 from flwr.app import ConfigRecord, Context, Error, Message as FMessage, RecordDict
 
 from fedtune.config import DeployConfig, load_config
@@ -398,7 +400,7 @@ def test_client_app_in_process_matches_the_simulated_client(toy_cfg, tmp_path):
     base = load_model(toy_cfg.model)
     tok = load_client_data(toy_cfg, base[1])
     am = build_adapter_model(toy_cfg, base)
-    down = encode(Message(am.init, config={"round": 1}))
+    down = encode(Message(flatten({"adapter": am.init}), config={"round": 1}))
     q = FMessage(RecordDict({RECORD: ConfigRecord({"payload": b""})}), 5, "query")
     q.metadata.__dict__["_message_id"] = "q"
     assert json.loads(client_app(q, ctx).content[RECORD]["clients"]) == {"beta": len(tok["beta"]["train"])}
@@ -454,7 +456,8 @@ def test_a_clustered_node_trains_each_client_on_two_processes_like_one(toy_cfg, 
                                           "state-dir": str(tmp_path / f"state{world}")})
         h = NodeHandler(c, spec)
         try:
-            down = encode(Message(get_adapter_state(h.clients["hospital-a"].rt.model), config={"round": 1}))
+            down = encode(Message(flatten({"adapter": get_adapter_state(h.clients["hospital-a"].rt.model)}),
+                                  config={"round": 1}))
             out[world] = decode(h.handle("fit", "hospital-a", 1, down))
         finally:
             h.close()

@@ -1,8 +1,21 @@
-"""Federated algorithms, one file each (server half + client half), registered by name."""
+"""Federated algorithms, one file each (server half + client half), registered by name.
 
-from fedtune.algorithms.base import ALGORITHMS, Algorithm, ClientUpdate, get_algorithm, register
+The interface is :class:`~fedtune.algorithms.base.Algorithm`; docs/architecture.md explains it and
+walks through adding an algorithm.
+"""
 
-# Importing the modules registers their algorithms.
-from fedtune.algorithms import fedavg  # noqa: E402,F401
+import importlib
+import pkgutil
 
-__all__ = ["ALGORITHMS", "Algorithm", "ClientUpdate", "get_algorithm", "register"]
+from fedtune.algorithms.base import (ADAPTER, ALGORITHMS, GLOBAL, Algorithm, ClientResult, Group, Instruction, Options,
+                                     RoundContext, Setup, TensorSpec, Update, algorithm_class, build_algorithm,
+                                     get_algorithm, parse_options, register, resolved_name, spec_of, weight)
+
+# Importing the modules registers their algorithms (one file each; adding one is adding a file).
+for _m in pkgutil.iter_modules(__path__):
+    if not _m.name.startswith("_") and _m.name != "base":
+        importlib.import_module(f"{__name__}.{_m.name}")
+
+__all__ = ["ADAPTER", "ALGORITHMS", "GLOBAL", "Algorithm", "ClientResult", "Group", "Instruction", "Options",
+           "RoundContext", "Setup", "TensorSpec", "Update", "algorithm_class", "build_algorithm", "get_algorithm",
+           "parse_options", "register", "resolved_name", "spec_of", "weight"]

@@ -1,65 +1,75 @@
-"""FedAvg (McMahan et al. 2017, https://arxiv.org/abs/1602.05629) over adapter tensors.
+"""FedAvg (McMahan et al. 2017, https://arxiv.org/abs/1602.05629) over the adapter tensors.
 
-The weighted mean is accumulated in float64 in the order the updates arrive sorted by client id,
-so the result does not depend on which client finished first (deterministic aggregation).
+Rule: x ← Σ_i p_i·y_i over the round's replies, p_i = n_i / Σ_j n_j (``fl.weighting: samples``,
+n_i the client's training-set size as the server knows it) or 1/m (``uniform``). When the weights
+sum to 0 the global adapter stays as it was (see :func:`~fedtune.algorithms.base.weight`).
+
+The mean is folded one reply at a time in float64 (the server holds one accumulator, not every
+client's update) in the sampled order, which is fixed whatever order replies arrive in, so the
+result does not depend on which client finished first.
+
+Options: none.
 """
 
 from __future__ import annotations
 
+import math
+
 import torch
 
-from fedtune.algorithms.base import Algorithm, ClientUpdate, TensorDict, register
+from fedtune.algorithms.base import ADAPTER, Algorithm, RoundContext, TensorDict, Update, register, weight
 
 
-def weighted_mean(updates: list[ClientUpdate], weights: list[float]) -> TensorDict:
-    pairs = sorted(zip(updates, weights), key=lambda uw: uw[0].cid)
-    out: TensorDict = {}
-    for name, ref in pairs[0][0].tensors.items():
-        acc = torch.zeros(ref.shape, dtype=torch.float64)
-        for u, w in pairs:
-            acc += u.tensors[name].double() * w
-        out[name] = acc.to(torch.float32)
-    return out
+class WeightedMean:
+    """Σ w_i·x_i / Σ w_i per tensor of one group, folded one update at a time (float64)."""
 
-
-class RunningMean:
-    """Weighted mean folded in one update at a time (float64), so the server holds one
-    accumulator instead of every client's update: memory stays flat with many clients.
-    Updates are folded in arrival order; in-process that order is the fixed sampled order."""
-
-    def __init__(self) -> None:
+    def __init__(self, group: str = ADAPTER):
+        self.group = group
         self.acc: TensorDict = {}
         self.total = 0.0
+        self.count = 0
 
-    def add(self, tensors: TensorDict, weight: float) -> None:
+    def add(self, tensors: TensorDict, w: float) -> None:
+        self.count += 1
+        if w <= 0:
+            return  # contributes nothing (and a round of zero weights keeps the old global)
         for name, t in tensors.items():
             if name not in self.acc:
                 self.acc[name] = torch.zeros(t.shape, dtype=torch.float64)
-            self.acc[name].add_(t.double(), alpha=weight)
-        self.total += weight
+            self.acc[name].add_(t.double(), alpha=w)
+        self.total += w
 
-    def result(self) -> TensorDict:
+    def result(self) -> TensorDict | None:
+        """The mean (float32), or ``None`` when nothing with a positive weight was folded."""
+        if self.total <= 0:
+            return None
         return {k: (v / self.total).to(torch.float32) for k, v in self.acc.items()}
+
+
+def l2_distance(a: TensorDict, b: TensorDict) -> float:
+    """‖a − b‖ over all tensors of two same-named dicts (float64)."""
+    return math.sqrt(sum(float((a[k].double() - b[k].double()).pow(2).sum()) for k in a))
 
 
 @register
 class FedAvg(Algorithm):
     name = "fedavg"
-    streaming = True
 
-    def begin(self, global_state: TensorDict) -> RunningMean:
-        return RunningMean()
+    def begin(self, ctx: RoundContext) -> WeightedMean:
+        return WeightedMean()
 
-    def fold(self, acc: RunningMean, update: ClientUpdate) -> None:
-        w = 1.0 if self.weighting == "uniform" else float(max(update.num_examples, 0))
-        acc.add(update.tensors, w)
+    def fold(self, ctx: RoundContext, acc: WeightedMean, update: Update) -> None:
+        acc.add(update.tensors, weight(update, self.weighting))
 
-    def finish(self, global_state: TensorDict, acc: RunningMean) -> TensorDict:
-        if acc.total <= 0:
-            return global_state
-        return acc.result()
+    def finish(self, ctx: RoundContext, acc: WeightedMean) -> dict[str, float]:
+        mean = acc.result()
+        if mean is None:
+            return {}  # nobody answered (or every weight was 0): keep the global adapter
+        return self.apply(ctx, mean)
 
-    def aggregate(self, global_state: TensorDict, updates: list[ClientUpdate]) -> TensorDict:
-        if not updates:
-            return global_state  # nobody answered: keep the previous global adapter
-        return weighted_mean(updates, self.weights(updates))
+    def apply(self, ctx: RoundContext, mean: TensorDict) -> dict[str, float]:
+        """Move the global adapter given the round's weighted mean (FedAvg: to the mean itself;
+        server optimizers override this). Returns round metrics."""
+        step = l2_distance(mean, self.adapter)
+        self.adapter = mean
+        return {"server_step_norm": step}

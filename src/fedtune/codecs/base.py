@@ -24,8 +24,44 @@ from fedtune.config import COMPRESSORS, CommConfig, check_codec_pipeline
 from fedtune.errors import FedtuneError, MessageError
 
 TensorDict = dict[str, torch.Tensor]
-#: the receiver's spec: name -> (shape, dtype)
-Spec = dict[str, tuple[tuple[int, ...], torch.dtype]]
+
+
+@dataclass(frozen=True)
+class TensorSpec:
+    """What a received tensor must be: its exact shape and dtype — or, with ``variable``, a
+    bounded first dimension: any length from 0 to ``shape[0]`` (FedKSeed's list of (seed, scalar)
+    pairs; a stacked adapter whose rank depends on the round's clients)."""
+
+    shape: tuple[int, ...]
+    dtype: torch.dtype = torch.float32
+    variable: bool = False
+
+    @classmethod
+    def of(cls, t: torch.Tensor) -> TensorSpec:
+        return cls(tuple(t.shape), t.dtype)
+
+    def accepts(self, shape: tuple[int, ...], dtype: torch.dtype) -> bool:
+        shape = tuple(shape)
+        if dtype != self.dtype or len(shape) != len(self.shape):
+            return False
+        if self.variable:
+            return 0 <= shape[0] <= self.shape[0] and shape[1:] == tuple(self.shape[1:])
+        return shape == tuple(self.shape)
+
+    def describe(self) -> str:
+        dims = [str(d) for d in self.shape]
+        if self.variable and dims:
+            dims[0] = f"<={dims[0]}"
+        return f"({', '.join(dims)}) {self.dtype}"
+
+
+def as_spec(v: TensorSpec | tuple) -> TensorSpec:
+    """A :class:`TensorSpec` from itself or a plain ``(shape, dtype)`` pair."""
+    return v if isinstance(v, TensorSpec) else TensorSpec(tuple(v[0]), v[1])
+
+
+#: the receiver's spec: name -> what the tensor must be (a TensorSpec, or a (shape, dtype) pair)
+Spec = dict[str, "TensorSpec | tuple[tuple[int, ...], torch.dtype]"]
 
 #: separates a tensor's name from its part (``name::data``, ``name::scale``, ``name::idx``)
 SEP = "::"
@@ -167,16 +203,18 @@ def encode_tensor(t: torch.Tensor, stages: tuple[TensorStage, ...]) -> tuple[Ten
     return {k: v.contiguous() for k, v in parts.items()}, spec
 
 
-def encode_tensors(tensors: TensorDict, stages: tuple[TensorStage, ...]) -> tuple[TensorDict, dict[str, Any]]:
+def encode_tensors(tensors: TensorDict, stages: tuple[TensorStage, ...],
+                   skip: frozenset[str] | set[str] = frozenset()) -> tuple[TensorDict, dict[str, Any]]:
     """Every floating-point tensor through ``stages`` (FS-LLM's quantiser only touched parameters
-    whose names contained ``fc``/``conv``, a no-op on LoRA; here every adapter tensor is coded).
+    whose names contained ``fc``/``conv``, a no-op on LoRA; here every adapter tensor is coded),
+    except those named in ``skip`` (tensors that must arrive exactly).
     Returns the named tensors to serialise and the per-tensor specs for the metadata."""
     out: TensorDict = {}
     specs: dict[str, Any] = {}
     for name, t in tensors.items():
         if SEP in name:
             raise ValueError(f"tensor name '{name}' contains the reserved separator '{SEP}'")
-        parts, spec = encode_tensor(t, stages)
+        parts, spec = encode_tensor(t, () if name in skip else stages)
         if spec is None:
             out[name] = t
         else:
@@ -248,10 +286,10 @@ def check_parts(name: str, shape: tuple[int, ...], dtype: torch.dtype,
     return plans
 
 
-def decode_tensor(name: str, parts: TensorDict, spec: Any, expect: tuple[tuple[int, ...], torch.dtype] | None = None) -> torch.Tensor:
+def decode_tensor(name: str, parts: TensorDict, spec: Any, expect: TensorSpec | tuple | None = None) -> torch.Tensor:
     shape, dtype, stages = parse_spec(name, spec)
-    if expect is not None and (shape != tuple(expect[0]) or dtype != expect[1]):
-        raise MessageError(f"tensor '{name}': declares {shape} {dtype}, expected {tuple(expect[0])} {expect[1]}")
+    if expect is not None and not as_spec(expect).accepts(shape, dtype):
+        raise MessageError(f"tensor '{name}': declares {shape} {dtype}, expected {as_spec(expect).describe()}")
     plans = check_parts(name, shape, dtype, stages, parts)
     payload = parts["data"]
     for (cls, p), (inp, side) in zip(reversed(stages), reversed(plans)):

@@ -232,7 +232,7 @@ class RoundStateStore(ClientStateStore):
 def build_node_clients(cfg: Config, device, store: ClientStateStore, spec: NodeSpec):
     """This node's clients over one shared model: ``(runtime, {client id: FedClient})``. Built the
     same way by the node and, in clustered mode, by each of its follower processes."""
-    from fedtune.algorithms import get_algorithm
+    from fedtune.algorithms import build_algorithm
     from fedtune.client import ClientRuntime, FedClient
     from fedtune.models import load_model
     from fedtune.run import build_adapter_model, load_client_data
@@ -241,7 +241,7 @@ def build_node_clients(cfg: Config, device, store: ClientStateStore, spec: NodeS
     tok = NodeHandler._data(cfg, spec, base[1], load_client_data)
     am = build_adapter_model(cfg, base, device)
     rt = ClientRuntime(model=am.model, pad_id=am.tokenizer.pad_token_id, cfg=cfg, device=am.device,
-                       algorithm=get_algorithm(cfg.fl.algorithm, weighting=cfg.fl.weighting), store=store)
+                       algorithm=build_algorithm(cfg.fl), store=store)
     return rt, {cid: FedClient(cid, rt, **tok[cid]) for cid in spec.cids}
 
 

@@ -25,11 +25,11 @@ app = ServerApp()
 
 def run_deployed(cfg: Config, grid, resume: str | Path | None = None, *, verbose: bool = True) -> RunResult:
     """Run (or resume) ``cfg`` with the clients behind ``grid``."""
-    from fedtune.algorithms import get_algorithm
+    from fedtune.algorithms import GLOBAL, build_algorithm
     from fedtune.flower.deploy import check_deployable
     from fedtune.flower.transport import FlowerTransport
     from fedtune.metrics import MetricsLogger
-    from fedtune.run import (adapter_saver, build_adapter_model, console_hooks, finish_run, initial_models,
+    from fedtune.run import (adapter_saver, algorithm_setup, build_adapter_model, console_hooks, finish_run,
                              resume_state, start_run)
     from fedtune.server import Server
     from fedtune.state import ClientStateStore
@@ -51,29 +51,46 @@ def run_deployed(cfg: Config, grid, resume: str | Path | None = None, *, verbose
         echo(f"fedtune deploy: {cfg.model.name} + {cfg.peft.method}, waiting for SuperNodes "
              f"(up to {cfg.deploy.join_timeout_s:g}s) → {run_dir}")
         store = ClientStateStore(None)  # client state lives on the clients' machines
-        start, resume_round, models, clients = 1, None, None, None
+        algorithm = build_algorithm(cfg.fl)
+        clients = None
         if resume:
             # a resumed run goes on with the clients it had (whoever is connected right after a
             # SuperLink restart may be fewer: SuperNodes reconnect on their own schedule)
-            resume_round, models, start, meta = resume_state(run_dir, store, echo)
-            clients = meta.get("clients")
+            clients = _checkpoint_clients(run_dir)
         cids, _ = transport.discover(clients)
         echo(f"clients: {', '.join(f'{c} (node {transport.node_of.get(c)}, {transport.num_train.get(c)} examples)' for c in cids)}")
-        if models is None:
-            models = initial_models(cfg, cids, am.init)
+        algorithm_setup(cfg, algorithm, cids, transport.num_train, am.init)
+        start, resume_round = 1, None
+        if resume:
+            resume_round, start, _ = resume_state(run_dir, store, algorithm, echo)
         logger = MetricsLogger(run_dir, tensorboard=cfg.output.tensorboard, resume_round=resume_round)
-        server = Server(cfg=cfg, algorithm=get_algorithm(cfg.fl.algorithm, weighting=cfg.fl.weighting),
+        server = Server(cfg=cfg, algorithm=algorithm,
                         transport=transport, train_clients=cids, eval_clients=cids,
                         num_train=transport.num_train,  # the live map: a client joining later is weighted too
-                        models=models, store=store, logger=logger, run_dir=run_dir,
+                        store=store, logger=logger, run_dir=run_dir,
                         save_adapters=adapter_saver(cfg, am, run_dir), hooks=console_hooks(cfg, echo, verbose))
         server.run(start_round=start)
-        return finish_run(cfg, logger, run_dir, len(cids), t_start, echo)
+        return finish_run(cfg, logger, run_dir, len(cids), t_start, echo, per_client=GLOBAL not in algorithm.adapters())
     except FedtuneError as e:
         echo(f"error: {e}\nthe last checkpoint is kept; continue with: fedtune deploy submit ... --resume {run_dir}")
         raise
     finally:
         log_file.close()
+
+
+def _checkpoint_clients(run_dir: Path) -> list[str] | None:
+    """The client ids a run's last checkpoint was made with."""
+    import json as _json
+
+    from safetensors import safe_open
+
+    from fedtune.checkpoint import latest_checkpoint
+
+    ckpt = latest_checkpoint(run_dir)
+    if ckpt is None:
+        return None
+    with safe_open(str(ckpt / "server.safetensors"), framework="pt") as f:
+        return _json.loads(f.metadata()["meta"]).get("clients")
 
 
 @app.main()
