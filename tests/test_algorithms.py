@@ -374,3 +374,26 @@ def test_the_round_loop_has_no_algorithm_or_scenario_branches():
     names = {t.string for t in tokenize.generate_tokens(io.StringIO(inspect.getsource(server)).readline)
              if t.type == tokenize.NAME}
     assert not names & {"scenario", "local", "fedavg", "scaffold", "fedprox", "krum", "median", "GLOBAL_ONLY"}
+
+
+def test_the_worked_example_in_the_architecture_doc_runs_and_is_right():
+    """docs/architecture.md's example algorithm, executed from the doc itself: FedNova-lite with
+    x = 0, clients (y=[2], 1 step, 10 examples) and (y=[4], 3 steps, 30 examples):
+    tau_eff = (10*1 + 30*3)/40 = 2.5; normalised mean = (10*2/1 + 30*4/3)/40 = 1.5; x = 2.5 * 1.5."""
+    import re
+    from pathlib import Path
+
+    doc = (Path(__file__).resolve().parents[1] / "docs" / "architecture.md").read_text()
+    code = re.search(r"```python\n(.*?)```", doc, re.S).group(1)
+    try:
+        exec(compile(code, "architecture.md", "exec"), {"__name__": "fednova_lite_doc"})
+        alg = get_algorithm("fednova_lite")
+        alg.init(_setup({"w": torch.zeros(1)}, ["a", "b"]))
+        ctx = _ctx(sampled=["a", "b"], clients=["a", "b"])
+        acc = alg.begin(ctx)
+        alg.fold(ctx, acc, Update("a", {ADAPTER: {"w": torch.tensor([2.0])}}, 10, {"steps": 1}))
+        alg.fold(ctx, acc, Update("b", {ADAPTER: {"w": torch.tensor([4.0])}}, 30, {"steps": 3}))
+        alg.finish(ctx, acc)
+        assert alg.adapter["w"].item() == pytest.approx(3.75)
+    finally:
+        ALGORITHMS.pop("fednova_lite", None)

@@ -223,6 +223,11 @@ def test_cli_bad_inputs(cfg_file, tmp_path):
     (["eval.tasks=[nosuch]"], ["nosuch"]),
     (["peft.target_modules=[nosuch]"], ["nosuch", "q_proj"]),
     (["train.device=foo"], ["train.device", "foo"]),
+    (["fl.algorithm=fedproxx"], ["fl.algorithm", "did you mean 'fedprox'"]),
+    (["fl.algorithm=fedprox", "fl.options.muu=0.1"], ["fl.options.muu", "did you mean 'mu'"]),
+    (["fl.algorithm=fedprox", "fl.options.mu=-1"], ["fl.options.mu", "greater than or equal to 0"]),
+    (["fl.algorithm=krum"], ["krum", "2f + 2 = 4", "3 are sampled"]),  # 3 clients cannot outvote f = 1
+    (["fl.scenario=local", "fl.algorithm=scaffold"], ["fl.scenario=local", "scaffold"]),
     pytest.param(["train.device=cuda"], ["train.device=cuda", "CUDA"],
                  marks=pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has CUDA")),
 ])

@@ -132,7 +132,7 @@ class ClientContext:
     # ---- training -------------------------------------------------------------------------
     def train(self, *, steps: int | None = None, extra_loss: Callable[[torch.nn.Module], torch.Tensor] | None = None,
               on_grads: Callable[[list[torch.nn.Parameter]], None] | None = None, optimizer: str = "opt",
-              batches: Iterator[list[int]] | None = None) -> TrainStats:
+              batches: Iterator[list[int]] | None = None, lr: float | None = None) -> TrainStats:
         """``steps`` optimizer steps (default :meth:`steps`) of local training on the adapter now in
         the model. ``extra_loss(model)`` is added to each step's loss (FedProx's proximal term);
         ``on_grads(params)`` sees each applied step's final gradients — after gradient accumulation,
@@ -140,10 +140,12 @@ class ClientContext:
         (SCAFFOLD's correction). ``optimizer`` names the optimizer (and fp16 loss scale) kept in
         the client's state between rounds: a second adapter trained in the same round (Ditto's
         personal one) uses its own. ``batches``: micro-batches to use instead of the data stream
-        (pFedMe's inner loop on one batch)."""
+        (pFedMe's inner loop on one batch). ``lr``: this pass's peak learning rate instead of
+        ``train.lr`` (the schedule still applies; a per-client setting from the instruction, FedEx)."""
         cfg, rt = self.cfg, self.rt
+        tcfg = cfg.train if lr is None else cfg.train.model_copy(update={"lr": float(lr)})
         params = [p for _, p in self.params()]
-        opt = make_optimizer(params, cfg.train)
+        opt = make_optimizer(params, tcfg)
         saved = self.state.group(optimizer)
         if cfg.train.keep_optimizer_state and saved:
             optimizer_from_state(opt, saved, self.state.meta[optimizer])
@@ -160,7 +162,7 @@ class ClientContext:
         parts = (cfg.seed, "train", self.round, self.cid) + (() if optimizer == "opt" else (optimizer,))
         torch.manual_seed(derive_seed(*parts))
         stats = train_local(
-            rt.model, self.client.splits["train"], batches if batches is not None else self.stream, opt, cfg.train,
+            rt.model, self.client.splits["train"], batches if batches is not None else self.stream, opt, tcfg,
             steps=steps, start_step=start, total_steps=cfg.fl.rounds * per_round, pad_id=rt.pad_id, device=rt.device,
             extra_loss=extra_loss, on_grads=on_grads, scaler=scaler,
             parallel=rt.cluster.parallel if rt.cluster is not None else None,

@@ -69,6 +69,7 @@ class Server:
     #: benchmark tasks in the loop (``eval.tasks``; :mod:`fedtune.eval.inloop`): called with the
     #: round and the current adapter(s), returns round metrics and per-client metrics.
     task_eval: Callable[[int, dict[str, TensorDict]], tuple[dict[str, Any], dict[str, dict[str, Any]]]] | None = None
+    _side_bytes: list[int] = field(default_factory=lambda: [0, 0], init=False, repr=False)
 
     # The algorithm holds the server's exact fp32 master copies. What clients hold is what the
     # ``down`` codec makes of them (``Wire.as_sent``): a deterministic function computed by the same
@@ -95,10 +96,25 @@ class Server:
         eval_local = self.eval_due(rnd) and self.cfg.eval.local_models
         return RoundContext(round=rnd, rounds=self.cfg.fl.rounds, sampled=sampled, clients=list(self.train_clients),
                             num_train=self.num_train, config={"round": rnd, "eval_local": eval_local},
-                            eval_clients=list(self.eval_clients))
+                            eval_clients=list(self.eval_clients), exchange=self.side_exchange)
+
+    def side_exchange(self, kind: str, instructions: dict[str, Instruction]) -> list[Update]:
+        """One of the algorithm's own round trips (``RoundContext.exchange``): the accepted updates."""
+        if kind in ("fit", "evaluate") or kind not in self.algorithm.exchanges:
+            raise ValueError(f"{self.algorithm.name} declares no '{kind}' exchange (Algorithm.exchanges)")
+        got: list[Update] = []
+        replies = self.exchange(kind, instructions, lambda u: got.append(Update(u.cid, u.groups, u.num_examples,
+                                                                                 u.metrics)))
+        self._side_bytes[0] += sum(r.bytes_down for r in replies)
+        self._side_bytes[1] += sum(r.bytes_up for r in replies)
+        for r in replies:
+            if r.message is None:
+                log.warning("%s: no usable %s reply from %s (%s)", self.algorithm.name, kind, r.cid, r.error)
+        return got
 
     def run_round(self, rnd: int) -> dict[str, Any]:
         t0 = time.perf_counter()
+        self._side_bytes = [0, 0]  # what the algorithm's own exchanges of this round move
         ctx = self.context(rnd, self.sample(rnd))
         if self.hooks.on_round_start:
             self.hooks.on_round_start(rnd, ctx.sampled)
@@ -151,8 +167,9 @@ class Server:
                     r.message, r.error = None, str(e)
                 else:
                     fold(update)
-                    update.groups = {}
-                    r.message.tensors = {}  # folded in: do not keep every client's update in memory
+                    # folded in: the reply lets go of its tensors, so unless the accumulator keeps the
+                    # update (a robust rule does), the server never holds every client's update at once
+                    r.message.tensors = {}
             if self.hooks.on_reply:
                 self.hooks.on_reply(kind, r)
 
@@ -172,7 +189,8 @@ class Server:
         metrics = [r.message.metrics for r in ok]
         row: dict[str, Any] = {
             "round": rnd, "kind": "round", "clients": len(ctx.sampled), "rejected": len(replies) - len(ok),
-            "bytes_down": sum(r.bytes_down for r in replies), "bytes_up": sum(r.bytes_up for r in replies),
+            "bytes_down": sum(r.bytes_down for r in replies) + self._side_bytes[0],
+            "bytes_up": sum(r.bytes_up for r in replies) + self._side_bytes[1],
         }
         row.update(_pooled(metrics))
         train_s = sum(m.get("train_seconds", 0.0) for m in metrics)

@@ -3,11 +3,12 @@ talking over 127.0.0.1 only. Every process is killed in a finally block (see har
 
 * parity: 3 SuperNodes, 2 rounds of a tiny model with lossy codecs both ways (up: top-k 10% + int8
   + zstd with error feedback, down: int4 + zstd): the final global adapter equals the in-process
-  simulation of the same config (to 1e-6; in practice bit for bit);
+  simulation of the same config (to 1e-6; in practice bit for bit) — for FedAvg, FedAdam (server
+  moments) and SCAFFOLD (control variates both ways);
 * node authentication: an unregistered SuperNode is refused;
 * faults: a SuperNode killed mid-round does not stop the run and rejoins after a restart; a
-  restarted SuperLink + resubmitted run resumes from the last checkpoint and still lands on the
-  uninterrupted simulation's adapter.
+  restarted SuperLink + resubmitted SCAFFOLD run resumes from the last checkpoint and still lands on
+  the uninterrupted simulation's adapter.
 """
 
 import json
@@ -130,6 +131,30 @@ def test_deployment_matches_simulation_over_tls(toy, tmp_path, deployment, refer
 
 
 @pytest.mark.deploy
+def test_server_optimizer_and_control_variates_match_simulation(toy, tmp_path, deployment):
+    """The same algorithm code over Flower: FedAdam (server moments) and SCAFFOLD (control variates
+    both ways, through the lossy codecs, client variates in the SuperNodes' state) land bit for bit
+    on the simulation's adapter, one run after the other on the same SuperNodes."""
+    _start(deployment)
+    for algorithm in ("fedadam", "scaffold"):
+        over = [f"fl.algorithm={algorithm}"]
+        with ThreadPoolExecutor(1) as pool:
+            sim = pool.submit(_simulate, toy, tmp_path / f"sim-{algorithm}", over)
+            run_dir = tmp_path / f"deployed-{algorithm}"
+            deployment.submit(toy, [f"output.dir={run_dir}", *over])
+            wait_for_run(run_dir, 600, deployment)
+            sim_dir = sim.result()
+        assert _max_diff(run_dir, sim_dir) <= 1e-6, algorithm
+        dep_rows = {(r["kind"], r["round"], r.get("client")): r for r in round_rows(run_dir)}
+        sim_rows = {(r["kind"], r["round"], r.get("client")): r for r in round_rows(sim_dir)}
+        assert dep_rows.keys() == sim_rows.keys()
+        for key, r in sim_rows.items():
+            for m in ("val_loss", "train_loss", "server_step_norm", "control_norm"):
+                if r.get(m) is not None:
+                    assert dep_rows[key][m] == pytest.approx(r[m], rel=1e-6, abs=1e-9), (algorithm, key, m)
+
+
+@pytest.mark.deploy
 def test_unregistered_supernodes_are_refused(tmp_path):
     dep = Deployment(tmp_path / "auth", auth=True, nodes=("alpha", "mallory"))
     try:
@@ -213,18 +238,23 @@ def test_supernode_killed_mid_round_then_rejoins(toy, tmp_path, deployment):
 
 
 @pytest.mark.deploy
-def test_server_restart_resumes_from_last_checkpoint(toy, tmp_path, deployment, reference):
+def test_server_restart_resumes_from_last_checkpoint(toy, tmp_path, deployment):
+    """SCAFFOLD, so that the resume carries server state (the control variate) and client state on
+    the SuperNodes (each client's variate, error-feedback residuals) across a SuperLink restart."""
     run_dir = tmp_path / "resumed"
-    _start(deployment)
-    over = [f"output.dir={run_dir}"]
-    deployment.submit(toy, over)
-    wait_until(lambda: (run_dir / "checkpoints" / "latest").is_file(), 400, "the first checkpoint")
-    deployment.kill("superlink")  # the SuperLink and the ServerApp it runs die mid-run
-    done = (run_dir / "checkpoints" / "latest").read_text().strip()
-    assert done == "round_00001"
-    deployment.start_superlink()  # same port; the SuperNodes reconnect on their own
-    deployment.submit(toy, over, resume=run_dir)
-    text = wait_for_run(run_dir, 600, deployment)
-    assert f"resuming from {run_dir / 'checkpoints' / done}" in text
-    sim = reference.result()
+    algorithm = ["fl.algorithm=scaffold"]
+    with ThreadPoolExecutor(1) as pool:
+        reference = pool.submit(_simulate, toy, tmp_path, algorithm)
+        _start(deployment)
+        over = [f"output.dir={run_dir}", *algorithm]
+        deployment.submit(toy, over)
+        wait_until(lambda: (run_dir / "checkpoints" / "latest").is_file(), 400, "the first checkpoint")
+        deployment.kill("superlink")  # the SuperLink and the ServerApp it runs die mid-run
+        done = (run_dir / "checkpoints" / "latest").read_text().strip()
+        assert done == "round_00001"
+        deployment.start_superlink()  # same port; the SuperNodes reconnect on their own
+        deployment.submit(toy, over, resume=run_dir)
+        text = wait_for_run(run_dir, 600, deployment)
+        assert f"resuming from {run_dir / 'checkpoints' / done}" in text
+        sim = reference.result()
     assert _max_diff(run_dir, sim) <= 1e-6

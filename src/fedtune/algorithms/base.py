@@ -33,6 +33,7 @@ round as :class:`TensorSpec` s. Anything outside the declared spec is rejected w
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, ClassVar
 
@@ -143,6 +144,11 @@ class RoundContext:
     config: dict[str, Any] = field(default_factory=dict)
     #: clients whose adapters are evaluated (``configure_evaluate``)
     eval_clients: list[str] = field(default_factory=list)
+    #: ``exchange(kind, {cid: Instruction}) -> [Update]``: one more round trip of one of the
+    #: algorithm's own message kinds (:attr:`Algorithm.exchanges`), e.g. a key agreement before the
+    #: fit (called from ``configure_fit``) or an unmasking after it (from ``finish``). Same
+    #: transport, same strict parsing, same codecs as the fit.
+    exchange: Callable[[str, dict[str, Instruction]], list[Update]] | None = None
 
 
 # ---- options --------------------------------------------------------------------------------

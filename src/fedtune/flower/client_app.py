@@ -57,7 +57,11 @@ def _exchange(msg: Message, context: Context, op: str) -> Message:
 
 @app.train()
 def train(msg: Message, context: Context) -> Message:
-    return _exchange(msg, context, "fit")
+    # a fit, or an algorithm's own kind of exchange (its name in the record; checked by the handler)
+    kind = msg.content[RECORD].get("kind", "fit")
+    if not isinstance(kind, str) or not 0 < len(kind) <= 32 or not kind.replace("_", "").isalpha():
+        raise MessageError("instruction with a malformed message kind")
+    return _exchange(msg, context, kind)
 
 
 @app.evaluate()

@@ -348,13 +348,14 @@ class HandlerCache:
 
 
 def answer(cache: HandlerCache, header: dict[str, Any], payload: bytes) -> tuple[dict[str, Any], bytes]:
-    """One request: ``op`` is ``describe``, ``fit`` or ``evaluate``; ``config`` the run's config
-    (JSON) and ``node_config`` the SuperNode's. Shared by the worker and the in-process path."""
+    """One request: ``op`` is ``describe``, ``fit``, ``evaluate`` or one of the run's algorithm's own
+    exchanges; ``config`` the run's config (JSON) and ``node_config`` the SuperNode's. Shared by the
+    worker and the in-process path."""
     handler = cache.get(str(header["config"]), dict(header.get("node_config") or {}))
     op = header.get("op")
     if op == "describe":
         return {"clients": handler.describe()}, b""
-    if op in ("fit", "evaluate"):
+    if isinstance(op, str) and op != "describe":  # handle_on_client refuses kinds the algorithm lacks
         return {"ok": True}, handler.handle(op, str(header["cid"]), int(header.get("round", 0)), payload)
     raise FedtuneError(f"unknown op {op!r}")
 

@@ -47,6 +47,8 @@ from fedtune.transport import Reply, Spec, parse_reply
 log = logging.getLogger(__name__)
 
 _TYPES = {"fit": "train", "evaluate": "evaluate", "query": "query"}
+#: an algorithm's own message kinds (key agreement, unmasking, ...) travel as Flower ``train``
+#: messages whose record names the kind; the ClientApp hands them to the same handler
 #: Flower error codes of a reply that the SuperLink wrote for a node that did not answer
 #: (message / reply / node unavailable), as opposed to errors the node's ClientApp raised
 _NODE_GONE = {3, 4, 5}
@@ -313,7 +315,7 @@ class FlowerTransport:
         for key in keys:
             node, payload, fields = out[key]
             rec = ConfigRecord({**fields, "payload": payload})
-            msgs.append(FlowerMessage(RecordDict({RECORD: rec}), int(node), _TYPES[kind],
+            msgs.append(FlowerMessage(RecordDict({RECORD: rec}), int(node), _TYPES.get(kind, "train"),
                                       ttl=timeout + 60.0, group_id=str(fields.get("round", ""))))
         ids = list(self.grid.push_messages(msgs))
         if len(ids) != len(keys):  # Flower returns [] when the request is too large
@@ -392,7 +394,8 @@ class FlowerTransport:
                                            error="not connected (no SuperNode holds this client)")
         emit_ready()
         rnd = int(next((m.config.get("round", 0) for m in instructions.values()), 0))
-        out = {cid: (self.node_of[cid], down[cid], {"cid": cid, "round": rnd}) for cid in reachable}
+        fields = {"round": rnd} if kind in _TYPES else {"round": rnd, "kind": kind}
+        out = {cid: (self.node_of[cid], down[cid], {"cid": cid, **fields}) for cid in reachable}
         self._exchange(kind, out, timeout=self.d.round_timeout_s, on_arrival=arrived)
         for cid in reachable:  # which nodes answered their last exchange (see _assign)
             node = self.node_of.get(cid)
