@@ -122,12 +122,12 @@ def test_fedprox_pulls_the_local_adapter_towards_the_received_one(client):
     from fedtune.algorithms.fedprox import proximal_term
 
     moved = {}
-    for mu in (0.0, 50.0):
+    for mu in (0.0, 1.5):  # lr * mu < 2: the pull is a contraction, not a divergence
         c, init = client("fedprox", {"mu": mu}, ["train.optimizer=sgd", "train.lr=0.5", "train.max_grad_norm=null"])
         x = {k: v + 0.05 for k, v in init.items()}  # a received adapter away from the optimum
         y = _fit(c, {"adapter": x})["adapter"]
         moved[mu] = _dist(y, x)
-    assert 0 < moved[50.0] < 0.5 * moved[0.0]
+    assert 0 < moved[1.5] < 0.5 * moved[0.0]
     # the term's gradient is mu * (w - x), over the adapter tensors only
     w = torch.nn.Parameter(torch.tensor([1.0, -2.0]))
     term = proximal_term([("w", w)], {"w": torch.tensor([0.5, 0.5])}, mu=0.3)
