@@ -6,3 +6,4 @@ from pathlib import Path
 
 if importlib.util.find_spec("fedtune") is None:
     sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
+

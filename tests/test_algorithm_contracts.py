@@ -14,7 +14,7 @@ import pytest
 import torch
 
 from fedtune.algorithms import (ADAPTER, ALGORITHMS, GLOBAL, Algorithm, ClientResult, Group, Instruction, TensorSpec,
-                                Update, register)
+                                register)
 from fedtune.algorithms.fedavg import FedAvg, WeightedMean
 from fedtune.algorithms.fedprox import proximal_term
 from fedtune.config import load_config

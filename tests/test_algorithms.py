@@ -397,3 +397,84 @@ def test_the_worked_example_in_the_architecture_doc_runs_and_is_right():
         assert alg.adapter["w"].item() == pytest.approx(3.75)
     finally:
         ALGORITHMS.pop("fednova_lite", None)
+
+
+# ---- the round loop against a fake transport -------------------------------------------------------
+class _FakeTransport:
+    """Answers each instruction with a scripted reply through the real parser; records what it sent."""
+
+    def __init__(self, answer):
+        self.answer, self.sent = answer, []
+
+    def send(self, kind, instructions, *, expect=None, on_reply=None):
+        from fedtune.messages import decode, encode
+        from fedtune.transport import parse_reply
+
+        out = []
+        for cid, msg in instructions.items():
+            down = encode(msg)
+            self.sent.append((kind, cid, decode(down), (expect or {}).get(cid)))
+            r = parse_reply(cid, kind, encode(self.answer(kind, cid, decode(down))), bytes_down=len(down),
+                            seconds=0.0, expect=(expect or {}).get(cid))
+            out.append(r)
+            if on_reply is not None:
+                on_reply(r)
+        return out
+
+
+def test_the_round_loop_with_a_fake_transport(tmp_path):
+    """configure → exchange → fold (in the sampled order) → finish → evaluate → log → checkpoint,
+    with per-client instructions, one reply outside its spec (rejected, the round goes on), and a
+    metric nobody whitelisted (logged)."""
+    from fedtune.config import load_config
+    from fedtune.messages import Message
+    from fedtune.metrics import MetricsLogger
+    from fedtune.server import Server
+    from fedtune.state import ClientStateStore
+
+    folded = []
+
+    class Spy(get_algorithm("fedavg").__class__):
+        name = "spy"
+
+        def configure_fit(self, ctx):
+            return {cid: Instruction({ADAPTER: {"w": self.adapter["w"] + i}}, dict(ctx.config))
+                    for i, cid in enumerate(ctx.sampled)}
+
+        def fold(self, ctx, acc, update):
+            folded.append(update.cid)
+            super().fold(ctx, acc, update)
+
+    def answer(kind, cid, msg):
+        if kind == "evaluate":
+            return Message(metrics={"val_loss_sum": 6.0 if cid == "a" else 2.0, "val_tokens": 3 if cid == "a" else 1})
+        w = msg.tensors["adapter/w"]
+        if cid == "c":
+            return Message({"adapter/w": torch.zeros(3)}, metrics={"train_loss": 1.0})  # wrong shape
+        return Message({"adapter/w": w + 1}, metrics={"train_loss": 2.0, "train_label_tokens": 4, "wobble": 0.5})
+
+    cfg = load_config(None, ["fl.rounds=1", "eval.splits=[val]", "checkpoint.every=1", "output.tensorboard=false",
+                             "output.progress=false"])
+    alg = Spy()
+    alg.init(_setup({"w": torch.zeros(2)}, ["a", "b", "c"]))
+    transport = _FakeTransport(answer)
+    saved = []
+    server = Server(cfg=cfg, algorithm=alg, transport=transport, train_clients=["a", "b", "c"],
+                    eval_clients=["a", "b"], num_train={"a": 1, "b": 3, "c": 5}, store=ClientStateStore(None),
+                    logger=MetricsLogger(tmp_path, tensorboard=False), run_dir=tmp_path,
+                    save_adapters=lambda rnd, adapters, final: saved.append((rnd, final, adapters)))
+    row = server.run_round(1)
+    fits = [(cid, m.tensors["adapter/w"].tolist()) for kind, cid, m, _ in transport.sent if kind == "fit"]
+    assert fits == [("a", [0.0, 0.0]), ("b", [1.0, 1.0]), ("c", [2.0, 2.0])]  # per-client instructions
+    assert folded == ["a", "b"]  # c's reply had the wrong shape: rejected before the fold
+    # FedAvg of a's [1, 1] (weight 1) and b's [2, 2] (weight 3) = [1.75, 1.75]
+    assert torch.allclose(alg.adapter["w"], torch.tensor([1.75, 1.75]))
+    assert row["rejected"] == 1 and row["val_loss"] == pytest.approx(8.0 / 4)  # pooled over tokens
+    assert row["val_loss_mean_of_clients"] == pytest.approx((2.0 + 2.0) / 2)
+    assert row["wobble"] == 0.5 and row["server_step_norm"] == pytest.approx(1.75 * 2 ** 0.5)
+    rows = [__import__("json").loads(l) for l in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    by = {r.get("client"): r for r in rows if r["kind"] == "client"}
+    assert by["a"]["wobble"] == 0.5 and "adapter/w" in by["c"]["rejected"]
+    assert saved and saved[0][:2] == (1, True) and (tmp_path / "checkpoints" / "latest").is_file()
+    evals = [cid for kind, cid, _, _ in transport.sent if kind == "evaluate"]
+    assert evals == ["a", "b"]

@@ -13,7 +13,8 @@ from safetensors.torch import load_file
 from fedtune.algorithms import ALGORITHMS
 from fedtune.config import load_config
 from fedtune.run import run
-from fedtune.server import Server
+
+from test_e2e import crash_then_resume
 
 WORDS = ("apple", "banana", "cherry", "damson", "elder", "fig")
 
@@ -51,19 +52,8 @@ def test_every_algorithm_runs_and_resumes_bit_for_bit(six, tmp_path, monkeypatch
     assert len(rounds) == 2 and all(r["rejected"] == 0 and r["clients"] == 6 for r in rounds)
     assert straight.final("val_loss") is not None
 
-    real = Server.run_round
-
-    def crash_in_round_2(self, rnd):
-        if rnd == 2:
-            raise RuntimeError("simulated crash")
-        return real(self, rnd)
-
-    monkeypatch.setattr(Server, "run_round", crash_in_round_2)
-    c = load_config(None, [*cfg, f"output.dir={tmp_path / 'c'}"])
-    with pytest.raises(RuntimeError, match="simulated crash"):
-        run(c, verbose=False)
-    monkeypatch.setattr(Server, "run_round", real)
-    resumed = run(c, resume=tmp_path / "c", verbose=False)
+    resumed = crash_then_resume(monkeypatch, load_config(None, [*cfg, f"output.dir={tmp_path / 'c'}"]),
+                                tmp_path / "c", 2)
     a, b = _adapters(straight.run_dir), _adapters(resumed.run_dir)
     assert a and a.keys() == b.keys()
     for path in a:

@@ -9,7 +9,6 @@ import pickle
 import random
 import re
 import zlib
-from types import SimpleNamespace
 
 import numpy as np
 import pytest

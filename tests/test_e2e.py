@@ -26,6 +26,28 @@ def _write_data(path, n_per_cat=14):
     return path
 
 
+def crash_then_resume(monkeypatch, cfg, run_dir, crash_round: int):
+    """Run ``cfg`` until it dies at the start of round ``crash_round`` (a simulated crash), then
+    resume it from ``run_dir``; returns the resumed run's result."""
+    import pytest
+
+    from fedtune.run import run
+    from fedtune.server import Server
+
+    real = Server.run_round
+
+    def crash(self, rnd):
+        if rnd == crash_round:
+            raise RuntimeError("simulated crash")
+        return real(self, rnd)
+
+    monkeypatch.setattr(Server, "run_round", crash)
+    with pytest.raises(RuntimeError, match="simulated crash"):
+        run(cfg, verbose=False)
+    monkeypatch.setattr(Server, "run_round", real)
+    return run(cfg, resume=run_dir, verbose=False)
+
+
 @pytest.fixture
 def cfg_file(tmp_path):
     data = _write_data(tmp_path / "toy.jsonl")
@@ -363,18 +385,7 @@ def test_lossy_codecs_both_ways_end_to_end_and_resume(cfg_file, tmp_path, monkey
     state = load_file(str(straight.run_dir / "checkpoints" / "round_00002" / "clients" / "alpha.safetensors"))
     assert any(k.startswith("ef/") for k in state)  # error-feedback residual is checkpointed
 
-    real = Server.run_round
-
-    def crash_in_round_2(self, rnd):
-        if rnd == 2:
-            raise RuntimeError("simulated crash")
-        return real(self, rnd)
-
-    monkeypatch.setattr(Server, "run_round", crash_in_round_2)
     cfg = load_config(cfg_file, [f"output.dir={tmp_path / 'c'}", *LOSSY])
-    with pytest.raises(RuntimeError, match="simulated crash"):
-        run(cfg, verbose=False)
-    monkeypatch.setattr(Server, "run_round", real)
-    resumed = run(cfg, resume=tmp_path / "c", verbose=False)
+    resumed = crash_then_resume(monkeypatch, cfg, tmp_path / "c", 2)
     ta, tb = _adapter(straight.run_dir), _adapter(resumed.run_dir)
     assert ta.keys() == tb.keys() and all(torch.equal(ta[k], tb[k]) for k in ta)

@@ -24,7 +24,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from fedtune.adapters import get_adapter_state, set_adapter_state, trainable_parameters
-from fedtune.algorithms import Algorithm, Instruction
+from fedtune.algorithms import Algorithm
 from fedtune.algorithms.base import Spec, TensorDict
 from fedtune.codecs.base import TensorSpec
 from fedtune.config import Config

@@ -23,8 +23,6 @@ import math
 from dataclasses import dataclass
 from functools import cached_property
 
-import torch
-
 from fedtune.algorithms.base import ClientResult, Group, Instruction, Spec, TensorDict, Update, spec_of
 from fedtune.codecs import Pipeline, build_pipeline
 from fedtune.codecs.base import TensorSpec

@@ -21,7 +21,6 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import torch
 
 from fedtune.algorithms import Algorithm, Instruction, RoundContext, Update
 from fedtune.algorithms.base import GLOBAL, TensorDict
