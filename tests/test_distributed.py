@@ -41,7 +41,10 @@ output: {{tensorboard: false, progress: false}}
     # 10 training examples per client: each epoch ends with a 1-example step, in which one rank
     # has nothing to train on and joins the all-reduce with a masked example
     ["train.batch_size=3", "train.grad_accum=1"],
-], ids=["accumulation", "short-last-step"])
+    # an algorithm with its own client procedure (a gradient hook, client state, a second tensor
+    # group each way) runs clustered without knowing it: every rank sees the all-reduced gradients
+    ["train.batch_size=2", "train.grad_accum=3", "fl.algorithm=scaffold"],
+], ids=["accumulation", "short-last-step", "scaffold"])
 def test_two_gloo_processes_match_single_process(cfg_file, tmp_path, batch):
     single = run(load_config(cfg_file, [f"output.dir={tmp_path / 'one'}", *batch]), verbose=False)
     threads = torch.get_num_threads()
