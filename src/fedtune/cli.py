@@ -237,9 +237,11 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "run":
             from fedtune.config import load_config
             from fedtune.run import run
+            from fedtune.rundir_lock import sigterm_as_interrupt
 
             cfg = load_config(args.config, args.overrides)
-            run(cfg, resume=args.resume, verbose=not args.quiet)
+            with sigterm_as_interrupt():  # SIGTERM unwinds like Ctrl-C: set-up taken back, lock released
+                run(cfg, resume=args.resume, verbose=not args.quiet)
         elif args.command == "data" and args.data_command == "describe":
             _describe(args)
         elif args.command == "eval":
@@ -249,9 +251,12 @@ def main(argv: list[str] | None = None) -> int:
     except FedtuneError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:
-        print("interrupted; resume with --resume RUN_DIR", file=sys.stderr)
-        return 130
+    except KeyboardInterrupt as e:
+        from fedtune.rundir_lock import Terminated
+
+        print(f"{'terminated' if isinstance(e, Terminated) else 'interrupted'}; resume with --resume RUN_DIR",
+              file=sys.stderr)
+        return 143 if isinstance(e, Terminated) else 130
     return 0
 
 

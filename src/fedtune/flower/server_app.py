@@ -29,15 +29,23 @@ def run_deployed(cfg: Config, grid, resume: str | Path | None = None, *, verbose
     from fedtune.flower.deploy import check_deployable
     from fedtune.flower.transport import FlowerTransport
     from fedtune.metrics import MetricsLogger
-    from fedtune.run import (adapter_saver, build_adapter_model, console_hooks, finish_run, initial_models,
+    from fedtune.outcome import RunFailed, disk_errors
+    from fedtune.preflight import check_federation
+    from fedtune.run import (adapter_saver, build_adapter_model, console_hooks, end_run, finish_run, initial_models,
                              resume_state, start_run)
     from fedtune.server import Server
     from fedtune.state import ClientStateStore
 
     check_deployable(cfg)  # also checked by `fedtune deploy submit`; a plain `flwr run` gets here
+    if cfg.deploy.clients:  # a fixed federation: checked before the run directory (else after discovery)
+        check_federation(cfg, len(cfg.deploy.clients))
     t_start = time.perf_counter()
-    run_dir = start_run(cfg, resume)
-    log_file = (run_dir / "server.log").open("a", encoding="utf-8")
+    run_dir = start_run(cfg, resume)  # locked until end_run: a second ServerApp on it is refused
+    try:
+        log_file = (run_dir / "server.log").open("a", encoding="utf-8")
+    except BaseException:
+        end_run(run_dir)
+        raise
 
     def echo(s: str) -> None:
         if verbose:
@@ -58,6 +66,7 @@ def run_deployed(cfg: Config, grid, resume: str | Path | None = None, *, verbose
             resume_round, models, start, meta = resume_state(run_dir, store, echo)
             clients = meta.get("clients")
         cids, _ = transport.discover(clients)
+        check_federation(cfg, len(cids))
         echo(f"clients: {', '.join(f'{c} (node {transport.node_of.get(c)}, {transport.num_train.get(c)} examples)' for c in cids)}")
         if models is None:
             models = initial_models(cfg, cids, am.init)
@@ -67,13 +76,18 @@ def run_deployed(cfg: Config, grid, resume: str | Path | None = None, *, verbose
                         num_train=transport.num_train,  # the live map: a client joining later is weighted too
                         models=models, store=store, logger=logger, run_dir=run_dir,
                         save_adapters=adapter_saver(cfg, am, run_dir), hooks=console_hooks(cfg, echo, verbose))
-        server.run(start_round=start)
-        return finish_run(cfg, logger, run_dir, len(cids), t_start, echo)
+        with disk_errors(run_dir):
+            server.run(start_round=start)
+            return finish_run(cfg, logger, run_dir, len(cids), t_start, echo)  # RunFailed: nothing was trained
+    except RunFailed as e:
+        echo(f"error: {e}")
+        raise
     except FedtuneError as e:
         echo(f"error: {e}\nthe last checkpoint is kept; continue with: fedtune deploy submit ... --resume {run_dir}")
         raise
     finally:
         log_file.close()
+        end_run(run_dir)
 
 
 @app.main()
