@@ -83,6 +83,7 @@ class RunDir:
     lock: RunDirLock | None = None
     _made: list[Path] = field(default_factory=list, init=False)  # directories this invocation made, top first
     _made_lock_file: bool = field(default=False, init=False)
+    _made_config: bool = field(default=False, init=False)  # config.yaml is new (an existing directory)
     _aside: Path | None = field(default=None, init=False)  # the run being replaced, until the new one is set up
     _aside_lock: RunDirLock | None = field(default=None, init=False)
 
@@ -113,6 +114,7 @@ class RunDir:
             # here; it is not resumable, and a fresh run must not pick it up
             for old in (self.path / "state" / "clients").glob("*.safetensors"):
                 old.unlink()
+            self._made_config = not (self.path / "config.yaml").exists()
         save_config(cfg, self.path / "config.yaml")
 
     def commit(self) -> None:
@@ -122,7 +124,7 @@ class RunDir:
         if self._aside_lock is not None:
             self._aside_lock.release()
         self._aside = self._aside_lock = None
-        self._made, self._made_lock_file = [], False
+        self._made, self._made_lock_file, self._made_config = [], False, False
 
     def rollback(self) -> None:
         """Setup failed: remove what this invocation created, put a replaced run back, unlock.
@@ -132,8 +134,11 @@ class RunDir:
         if self._owned() and not self.resume:
             if self._made_path():
                 shutil.rmtree(self.path, ignore_errors=True)
-            elif self._made_lock_file:
-                self.lock.path.unlink(missing_ok=True)
+            else:  # a directory that was there: take back the files this invocation added
+                if self._made_config:
+                    (self.path / "config.yaml").unlink(missing_ok=True)
+                if self._made_lock_file:
+                    self.lock.path.unlink(missing_ok=True)
             if self._aside is not None and not os.path.lexists(self.path):
                 os.replace(self._aside, self.path)
                 self._aside = None
@@ -143,7 +148,7 @@ class RunDir:
                 d.rmdir()  # only when empty: a parent another run writes into stays
             except OSError:
                 break
-        self._made, self._made_lock_file = [], False
+        self._made, self._made_lock_file, self._made_config = [], False, False
 
     def release(self) -> None:
         """Unlock the directory (idempotent; the end of a run, on any exit)."""
