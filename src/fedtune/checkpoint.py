@@ -148,3 +148,166 @@ def load_checkpoint(path: Path, store: ClientStateStore) -> tuple[int, dict[str,
         tensors = {name: f.get_tensor(name) for name in f.keys()}
     store.restore(path / "clients")
     return int(meta["round"]), _unpack(tensors, list(meta.get("groups", []))), meta
+
+
+# ---- integrity on resume -------------------------------------------------------------------
+# What a resume reads from a checkpoint is checked before any of it is used: every file parses as
+# safetensors with its sizes consistent (a truncated file is caught by its length), the JSON
+# metadata parses, and server.safetensors says which round it holds. Nothing here depends on which
+# tensors server.safetensors holds, only on its ``meta`` carrying ``round``.
+
+_DTYPE_BYTES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1,
+                "U16": 2, "U32": 4, "U64": 8, "BOOL": 1, "F8_E4M3": 1, "F8_E5M2": 1}
+_MAX_HEADER = 100 << 20
+
+
+def _round_number(name: str) -> int | None:
+    import re
+
+    m = re.fullmatch(r"round_(\d{5,9})", name)
+    return int(m.group(1)) if m else None
+
+
+def check_safetensors_file(path: Path, meta_key: str | None = None) -> tuple[str | None, dict[str, Any] | None]:
+    """(problem, parsed ``meta_key`` metadata): problem is None when ``path`` is a complete
+    safetensors file (header JSON valid, every tensor's byte range matching its dtype and shape,
+    the ranges tiling the data exactly up to the end of the file) whose ``meta_key`` metadata, when
+    asked for, is a JSON object. Reads only the header."""
+    import math
+
+    try:
+        size = path.stat().st_size
+        with open(path, "rb") as f:
+            head = f.read(8)
+            if len(head) < 8:
+                return f"{path.name} is {size} bytes, shorter than a safetensors header", None
+            n = int.from_bytes(head, "little")
+            if n > min(size - 8, _MAX_HEADER):
+                return f"{path.name} is truncated (its header declares {n} bytes, the file holds {size - 8})", None
+            header = json.loads(f.read(n))
+    except FileNotFoundError:
+        return f"{path.name} is missing", None
+    except OSError as e:
+        return f"{path.name} cannot be read ({e.strerror or e})", None
+    except (ValueError, UnicodeDecodeError, RecursionError):
+        return f"{path.name} has a malformed header", None
+    if not isinstance(header, dict):
+        return f"{path.name} has a malformed header", None
+    spans = []
+    for name, info in header.items():
+        if name == "__metadata__":
+            continue
+        try:
+            dtype, shape, (start, end) = info["dtype"], info["shape"], info["data_offsets"]
+            nbytes = _DTYPE_BYTES[dtype] * math.prod(int(s) for s in shape)
+            ok = isinstance(start, int) and isinstance(end, int) and 0 <= start <= end and end - start == nbytes
+        except (KeyError, TypeError, ValueError):
+            ok = False
+        if not ok:
+            return f"{path.name}: tensor {str(name)[:60]!r} has an invalid entry in the header", None
+        spans.append((start, end))
+    pos = 0
+    for start, end in sorted(spans):
+        if start != pos:
+            return f"{path.name}: its tensors' byte ranges overlap or leave gaps (damaged header)", None
+        pos = end
+    if 8 + n + pos != size:
+        state = "truncated" if 8 + n + pos > size else "longer than its header says"
+        return f"{path.name} is {state} ({size} bytes, its header describes {8 + n + pos})", None
+    if meta_key is None:
+        return None, None
+    raw = (header.get("__metadata__") or {}).get(meta_key) if isinstance(header.get("__metadata__"), dict) else None
+    try:
+        meta = json.loads(raw) if isinstance(raw, str) else None
+    except (ValueError, RecursionError):
+        meta = None
+    if not isinstance(meta, dict):
+        return f"{path.name} has no valid '{meta_key}' metadata", None
+    return None, meta
+
+
+def verify_checkpoint(path: Path) -> str | None:
+    """What is wrong with checkpoint directory ``path`` (None: every file a resume reads is intact):
+    ``server.safetensors`` (its meta names this round), ``rng.safetensors`` (when present; older
+    checkpoints lack it) and every client state in ``clients/``."""
+    path = Path(path)
+    problem, meta = check_safetensors_file(path / "server.safetensors", "meta")
+    if problem:
+        return problem
+    rnd = meta.get("round")
+    if not isinstance(rnd, int) or isinstance(rnd, bool) or rnd != _round_number(path.name):
+        return f"server.safetensors holds round {rnd!r}, not the round its directory is named for"
+    if (path / "rng.safetensors").exists():
+        problem, _ = check_safetensors_file(path / "rng.safetensors", "meta")
+        if problem:
+            return problem
+    clients = path / "clients"
+    if not clients.is_dir():
+        return "the clients/ directory (every client's state) is missing"
+    for f in sorted(clients.iterdir()):
+        if f.name.startswith("."):
+            continue  # a temp file of an interrupted atomic write
+        if f.suffix != ".safetensors" or not f.is_file():
+            return f"clients/{f.name[:80]} is not a client state file"
+        problem, _ = check_safetensors_file(f)
+        if problem is None:
+            state_meta = _state_meta(f)
+            problem = None if state_meta is not None else f"{f.name} has malformed metadata"
+        if problem:
+            return f"client state {problem}"
+    return None
+
+
+def _state_meta(path: Path) -> dict[str, Any] | None:
+    """The JSON ``meta`` of a client state file ({} when it has none), None when it is malformed."""
+    with open(path, "rb") as f:
+        n = int.from_bytes(f.read(8), "little")
+        header = json.loads(f.read(n))
+    raw = (header.get("__metadata__") or {}).get("meta", "{}") if isinstance(header.get("__metadata__"), dict) else "{}"
+    try:
+        meta = json.loads(raw) if isinstance(raw, str) else None
+    except (ValueError, RecursionError):
+        return None
+    return meta if isinstance(meta, dict) else None
+
+
+def find_resumable_checkpoint(run_dir: Path) -> tuple[Path | None, list[str]]:
+    """The checkpoint a resume should use, and what was wrong with the ones passed over.
+
+    The one ``latest`` names when it is intact (the normal case: no notes). Otherwise — ``latest``
+    missing, garbage, or naming a damaged checkpoint — the newest intact checkpoint older than the
+    one it names (``checkpoint.keep`` keeps that many), each skipped one noted with its problem.
+    ``(None, notes)`` when none is intact (no notes at all: the run has no checkpoint yet).
+    """
+    root = Path(run_dir) / "checkpoints"
+    notes: list[str] = []
+    dirs = []
+    if root.is_dir():
+        dirs = sorted(((r, p) for p in root.iterdir() if p.is_dir() and (r := _round_number(p.name)) is not None),
+                      reverse=True)
+    marker = root / "latest"
+    named = None
+    if marker.is_file():
+        try:
+            text = marker.read_bytes()[:200].decode("utf-8", "replace").strip()
+        except OSError as e:
+            text = f"<unreadable: {e.strerror}>"
+        named = _round_number(text)
+        if named is None:
+            notes.append(f"checkpoints/latest holds {text[:40]!r}, not a checkpoint name")
+    elif dirs:
+        notes.append("checkpoints/latest is missing")
+    if named is not None:
+        target = root / f"round_{named:05d}"
+        problem = verify_checkpoint(target) if target.is_dir() else "it is missing"
+        if problem is None:
+            return target, notes
+        notes.append(f"{target.name} (named by checkpoints/latest): {problem}")
+        # newer directories were never named complete by `latest` (a crash before it was updated)
+        dirs = [(r, p) for r, p in dirs if r < named]
+    for _, p in dirs:
+        problem = verify_checkpoint(p)
+        if problem is None:
+            return p, notes
+        notes.append(f"{p.name}: {problem}")
+    return None, notes

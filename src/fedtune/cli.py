@@ -143,6 +143,9 @@ def _deploy(args) -> int:
 
         if not args.host:
             raise FedtuneError("give the address SuperNodes will dial: --host 10.0.0.1 (repeatable; loopback is always added)")
+        from fedtune.preflight import check_output_location
+
+        check_output_location(Path(args.out), "--out")
         paths = make_certificates(Path(args.out), args.host, days=args.days, overwrite=args.overwrite)
         keys = make_node_keys(Path(args.out), args.node, overwrite=args.overwrite)
         for role, pth in paths.items():
@@ -203,13 +206,17 @@ def _describe(args) -> None:
             raise unknown_name("preset (or a .yaml config)", args.target, PRESETS)
         cfg = load_config(None, [f"data.preset={args.target}", *args.overrides])
         label = args.target
+    from fedtune.preflight import check_output_location
+    from fedtune.utils import safe_name
+
+    out = Path(args.out) if args.out else Path("runs") / f"describe-{safe_name(label)}"
+    check_output_location(out, "--out")  # before the work, not after it
     fed = build_federated_data(cfg.data, cfg.seed)
     tokenizer = None
     if not args.no_tokens:
         from fedtune.models import load_tokenizer
 
         tokenizer = load_tokenizer(cfg.model)
-    out = Path(args.out) if args.out else Path("runs") / f"describe-{label}"
     out.mkdir(parents=True, exist_ok=True)
     desc = describe_federated_data(fed, tokenizer, out)
     print(format_description(desc))
@@ -237,9 +244,11 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "run":
             from fedtune.config import load_config
             from fedtune.run import run
+            from fedtune.rundir_lock import sigterm_as_interrupt
 
             cfg = load_config(args.config, args.overrides)
-            run(cfg, resume=args.resume, verbose=not args.quiet)
+            with sigterm_as_interrupt():  # SIGTERM unwinds like Ctrl-C: set-up taken back, lock released
+                run(cfg, resume=args.resume, verbose=not args.quiet)
         elif args.command == "data" and args.data_command == "describe":
             _describe(args)
         elif args.command == "eval":
@@ -249,9 +258,12 @@ def main(argv: list[str] | None = None) -> int:
     except FedtuneError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:
-        print("interrupted; resume with --resume RUN_DIR", file=sys.stderr)
-        return 130
+    except KeyboardInterrupt as e:
+        from fedtune.rundir_lock import Terminated
+
+        print(f"{'terminated' if isinstance(e, Terminated) else 'interrupted'}; resume with --resume RUN_DIR",
+              file=sys.stderr)
+        return 143 if isinstance(e, Terminated) else 130
     return 0
 
 

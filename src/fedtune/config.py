@@ -17,8 +17,20 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from fedtune.errors import FedtuneError, did_you_mean
 
 
+#: bounds shared by many fields: counts that size an allocation or a loop stay far below what a
+#: machine can hold (a typo such as ``train.batch_size=10**9`` is an error here, not an out-of-memory
+#: traceback later), and every integer fits the int64 torch and NumPy need.
+MAX_SEED = 2**63  # exclusive; derive_seed/np/torch all take 0 <= seed < 2**63
+MAX_SIZE = 1 << 16  # ranks, widths, batch sizes, virtual tokens
+MAX_COUNT = 10**9  # record caps and other plain counts
+MAX_ROUNDS = 10**6
+MAX_SECONDS = 10**7  # ~4 months: longer timeouts overflow the waits they feed
+
+
 class _Section(BaseModel):
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+    # allow_inf_nan=False: every float field rejects inf and nan (``train.lr=inf`` used to pass and
+    # then every client update was rejected as non-finite)
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, allow_inf_nan=False)
 
 
 class ModelConfig(_Section):
@@ -46,25 +58,26 @@ class DataConfig(_Section):
     #: local directory holding the source files (else ``$FEDTUNE_DATA_DIR``, else the cache).
     data_dir: str | None = None
     splitter: Literal["iid", "dirichlet", "meta"] | None = None
-    num_clients: int | None = Field(default=None, ge=1)
+    num_clients: int | None = Field(default=None, ge=1, le=100_000)
     #: record field used by the dirichlet and meta splitters.
     label_field: str = "category"
     #: dirichlet concentration; smaller is more heterogeneous.
     alpha: float = Field(default=0.5, gt=0)
     #: dirichlet: every client gets at least this many records.
-    min_client_size: int = Field(default=10, ge=1)
+    min_client_size: int = Field(default=10, ge=1, le=MAX_COUNT)
     #: label values dropped before splitting (fed-codealpaca drops X86-64 Assembly).
     exclude_labels: list[str] = Field(default_factory=list)
     #: per-client fractions carved from each client's own data.
     val_fraction: float = Field(default=0.05, ge=0, lt=1)
     test_fraction: float = Field(default=0.05, ge=0, lt=1)
     #: cap each client's records (after splitting) for CPU-sized runs; ``null`` keeps all.
-    max_records_per_client: int | None = Field(default=None, ge=1)
+    max_records_per_client: int | None = Field(default=None, ge=1, le=MAX_COUNT)
     #: cap val/test examples per client for fast in-loop evaluation.
-    max_eval_records_per_client: int | None = Field(default=None, ge=1)
+    max_eval_records_per_client: int | None = Field(default=None, ge=1, le=MAX_COUNT)
     #: ``alpaca`` (FS-LLM's exact wording), ``alpaca_no_input`` or ``chat`` (model's template).
     template: Literal["alpaca", "alpaca_no_input", "chat"] = "alpaca"
-    max_length: int = Field(default=512, ge=8)
+    #: checked against the model's context length before the run directory is made.
+    max_length: int = Field(default=512, ge=8, le=1 << 20)
     #: an example longer than max_length: cut the prompt from the left, or drop (and count) it.
     truncation: Literal["left", "drop"] = "left"
     #: directory of the tokenisation cache (default: ``~/.cache/fedtune/tokenized``).
@@ -81,16 +94,17 @@ class PeftConfig(_Section):
     """Adapter built with HF peft; options not used by the method are ignored."""
 
     method: Literal["lora", "prefix", "p_tuning", "prompt_tuning"] = "lora"
-    r: int = Field(default=8, ge=1)
+    #: also checked against the model's hidden size once it is loaded (before the run directory).
+    r: int = Field(default=8, ge=1, le=MAX_SIZE)
     alpha: float = Field(default=16, gt=0)
     dropout: float = Field(default=0.05, ge=0, lt=1)
     #: modules to adapt; ``null`` uses the architecture table in :mod:`fedtune.models`.
     target_modules: list[str] | None = None
-    num_virtual_tokens: int = Field(default=20, ge=1)
+    num_virtual_tokens: int = Field(default=20, ge=1, le=MAX_SIZE)
     #: prompt tuning: initialise the soft prompt from this text (``null``: random).
     prompt_init_text: str | None = None
     #: P-tuning prompt encoder width.
-    encoder_hidden_size: int = Field(default=128, ge=1)
+    encoder_hidden_size: int = Field(default=128, ge=1, le=MAX_SIZE)
 
 
 class TrainConfig(_Section):
@@ -103,12 +117,12 @@ class TrainConfig(_Section):
     #: runs over the whole run (rounds x local steps), never restarted per round: local step s of
     #: round r is step (r-1)*steps + s for every client, sampled in earlier rounds or not.
     scheduler: Literal["constant", "linear", "cosine"] = "constant"
-    warmup_steps: int = Field(default=0, ge=0)
+    warmup_steps: int = Field(default=0, ge=0, le=MAX_COUNT)
     #: optimizer steps per round; ignored when ``local_epochs`` is set.
-    local_steps: int = Field(default=30, ge=1)
-    local_epochs: float | None = Field(default=None, gt=0)
-    batch_size: int = Field(default=1, ge=1)
-    grad_accum: int = Field(default=1, ge=1)
+    local_steps: int = Field(default=30, ge=1, le=10**7)
+    local_epochs: float | None = Field(default=None, gt=0, le=10**4)
+    batch_size: int = Field(default=1, ge=1, le=MAX_SIZE)
+    grad_accum: int = Field(default=1, ge=1, le=MAX_SIZE)
     max_grad_norm: float | None = Field(default=1.0, gt=0)
     #: autocast dtype of the forward pass; adapter weights and optimizer state stay fp32.
     precision: Literal["fp32", "bf16", "fp16"] = "fp32"
@@ -187,7 +201,7 @@ class CommConfig(_Section):
     #: (error feedback; Seide et al. 2014, Karimireddy et al. 2019, https://arxiv.org/abs/1901.09847).
     error_feedback: bool = True
     #: compressor level (deflate/gzip 0-9, default 6; zstd 1-22, default 3); ``null``: default.
-    level: int | None = None
+    level: int | None = Field(default=None, ge=-(2**31), lt=2**31)
 
     @field_validator("up", "down")
     @classmethod
@@ -225,7 +239,7 @@ class FLConfig(_Section):
     #: (The robust rules — median, trimmed_mean, krum, multi_krum, norm_bounding — ignore sizes:
     #: a Byzantine client could claim any number of examples.)
     weighting: Literal["samples", "uniform"] = "samples"
-    rounds: int = Field(default=10, ge=1)
+    rounds: int = Field(default=10, ge=1, le=MAX_ROUNDS)
     #: clients sampled per round: an int count, or a float fraction in (0, 1].
     clients_per_round: int | float | None = None
 
@@ -234,8 +248,9 @@ class FLConfig(_Section):
         c = self.clients_per_round
         if isinstance(c, float) and not 0 < c <= 1:
             raise ValueError("clients_per_round as a fraction must lie in (0, 1]")
-        if isinstance(c, int) and not isinstance(c, bool) and c < 1:
-            raise ValueError("clients_per_round must be at least 1")
+        if isinstance(c, int) and not isinstance(c, bool) and not 1 <= c <= 100_000:
+            raise ValueError("clients_per_round must be at least 1 (and is checked against the "
+                             "number of clients once the data is split)")
         if self.scenario == "local" and self.algorithm not in ("fedavg", "local"):
             raise ValueError(f"fl.scenario=local trains every client alone (the 'local' algorithm); "
                              f"fl.algorithm={self.algorithm} needs fl.scenario=fed or global")
@@ -246,26 +261,26 @@ class EvalConfig(_Section):
     """Loss/perplexity evaluation inside the round loop."""
 
     #: evaluate every k rounds (and always after the last round); 0 disables in-loop eval.
-    every: int = Field(default=1, ge=0)
+    every: int = Field(default=1, ge=0, le=MAX_ROUNDS)
     splits: list[Literal["val", "test"]] = Field(default_factory=lambda: ["val", "test"])
-    batch_size: int = Field(default=8, ge=1)
+    batch_size: int = Field(default=8, ge=1, le=MAX_SIZE)
     #: also evaluate each client's own (local) adapter on its data, not only the global one.
     local_models: bool = False
     #: benchmark tasks of ``fedtune eval`` (e.g. ``[gsm8k]``) run on the adapter(s) in the loop,
     #: on a seeded subset of ``task_limit`` examples, every ``task_every`` rounds (and after the
     #: last); logged as ``<task>_<metric>`` with the other round metrics. Empty: none.
     tasks: list[str] = Field(default_factory=list)
-    task_limit: int = Field(default=20, ge=1)
-    task_every: int = Field(default=1, ge=1)
+    task_limit: int = Field(default=20, ge=1, le=MAX_COUNT)
+    task_every: int = Field(default=1, ge=1, le=MAX_ROUNDS)
     #: per-task options as on the command line, e.g. ``{humaneval: {max_new_tokens: 256}}``.
     task_options: dict[str, dict[str, Any]] = Field(default_factory=dict)
 
 
 class CheckpointConfig(_Section):
     #: checkpoint every k rounds (and always after the last round); 0: only at the end.
-    every: int = Field(default=5, ge=0)
+    every: int = Field(default=5, ge=0, le=MAX_ROUNDS)
     #: how many checkpoints to keep (older ones are deleted).
-    keep: int = Field(default=2, ge=1)
+    keep: int = Field(default=2, ge=1, le=10_000)
 
 
 class OutputConfig(_Section):
@@ -274,9 +289,21 @@ class OutputConfig(_Section):
     #: when ``dir`` already holds a run: replace it (it is renamed aside and deleted once the new
     #: run is set up, put back if that fails) instead of refusing. ``--resume`` ignores this.
     overwrite: bool = False
+    #: used in ``runs/<name>-<timestamp>`` when ``dir`` is null: letters, digits, ``.``, ``_``, ``-``
+    #: (no path separators, so a name cannot point outside ``runs/``), at most 100 characters.
     name: str = "run"
     tensorboard: bool = True
     progress: bool = True
+
+    @field_validator("name")
+    @classmethod
+    def _name(cls, v: str) -> str:
+        import re
+
+        if not re.fullmatch(r"[A-Za-z0-9_-][A-Za-z0-9._-]{0,99}", v):
+            raise ValueError(f"{v[:60]!r} is not a run name: use at most 100 letters, digits, '.', '_' or "
+                             "'-', not starting with '.' (no '/': set output.dir to choose the directory)")
+        return v
 
 
 class DeployConfig(_Section):
@@ -292,28 +319,29 @@ class DeployConfig(_Section):
     #: fewest fit replies a round needs. Fewer clients connected: the round waits up to
     #: ``join_timeout_s`` for them; fewer replies in time: the run stops (its last checkpoint stays,
     #: resume it with ``fedtune deploy submit --resume``). ``null``: every sampled client.
-    min_clients: int | None = Field(default=None, ge=1)
+    min_clients: int | None = Field(default=None, ge=1, le=100_000)
     #: seconds to wait for the replies of one fit or evaluate exchange; a client that has not
     #: answered by then is recorded as missing and the round goes on without it.
-    round_timeout_s: float = Field(default=600, gt=0)
+    round_timeout_s: float = Field(default=600, gt=0, le=MAX_SECONDS)
     #: seconds to wait at start (and before a round that lacks clients) for SuperNodes to connect.
-    join_timeout_s: float = Field(default=300, gt=0)
+    join_timeout_s: float = Field(default=300, gt=0, le=MAX_SECONDS)
     #: seconds a SuperNode has to say which clients it holds. One that stays silent is left out and
     #: asked again after a back-off that doubles each time (up to 10 minutes), so a node that
     #: connects but never answers does not hold up the run.
-    query_timeout_s: float = Field(default=30, gt=0)
+    query_timeout_s: float = Field(default=30, gt=0, le=MAX_SECONDS)
     #: only SuperNodes registered with their client ids (``fedtune deploy register --client-id``)
     #: may hold clients. Without it a node registered under client ids may hold only those, and
     #: an unnamed node may announce any id that no live node holds yet.
     require_bound_clients: bool = False
     #: seconds between polls of the SuperLink for replies.
-    poll_s: float = Field(default=0.2, gt=0)
+    poll_s: float = Field(default=0.2, gt=0, le=3600)
 
 
 class Config(_Section):
     """A whole fedtune run."""
 
-    seed: int = 0
+    #: 0 <= seed < 2**63 (what NumPy, torch and fedtune's derived seeds accept).
+    seed: int = Field(default=0, ge=0, lt=MAX_SEED)
     model: ModelConfig = Field(default_factory=ModelConfig)
     data: DataConfig = Field(default_factory=DataConfig)
     peft: PeftConfig = Field(default_factory=PeftConfig)
@@ -344,27 +372,157 @@ class Config(_Section):
         return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:16]
 
 
+#: limits on YAML read as config (a config file, a run's saved config.yaml, an override value)
+MAX_YAML_BYTES = 4 << 20
+#: values a document may expand to once aliases are followed: a real config holds a few hundred;
+#: a "billion laughs" document of a few hundred bytes expands to ~10**9 (and to GBs when dumped).
+MAX_YAML_NODES = 100_000
+
+
+class _StrictLoader(yaml.SafeLoader):
+    """SafeLoader that rejects a key given twice in one mapping (PyYAML keeps the last silently: a
+    second ``train:`` section used to replace the first, its lr and batch size lost without a word).
+    Keys brought in by a merge (``<<: *base``) may still be overridden, as YAML intends."""
+
+
+def _no_duplicates(loader: _StrictLoader, node: yaml.MappingNode, deep: bool = False) -> dict:
+    seen: dict[Any, yaml.Node] = {}
+    for key_node, _ in node.value:
+        if key_node.tag == "tag:yaml.org,2002:merge":
+            continue
+        key = loader.construct_object(key_node, deep=True)
+        try:
+            first = seen.setdefault(key, key_node)
+        except TypeError:  # unhashable: construct_mapping says so with its position
+            continue
+        if first is not key_node:
+            raise yaml.constructor.ConstructorError(
+                "while constructing a mapping", node.start_mark,
+                f"found duplicate key {key!r} (first given on line {first.start_mark.line + 1}); "
+                "give each key, and each section, once", key_node.start_mark)
+    return loader.construct_mapping(node, deep=deep)
+
+
+_StrictLoader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _no_duplicates)
+
+
+def _expanded_size(obj: Any, limit: int) -> int:
+    """How many values ``obj`` holds once every alias is expanded (aliases share one object, so a
+    small document can stand for an astronomically large one); raises ValueError past ``limit`` or
+    on a recursive alias."""
+    memo: dict[int, int] = {}
+    active: set[int] = set()
+
+    def size(o: Any) -> int:
+        if not isinstance(o, (dict, list)):
+            return 1
+        if id(o) in memo:
+            return memo[id(o)]
+        if id(o) in active:
+            raise ValueError("an alias refers to a value that contains it (a recursive structure)")
+        active.add(id(o))
+        items = [*o.keys(), *o.values()] if isinstance(o, dict) else o
+        n = 1
+        for x in items:
+            n += size(x)
+            if n > limit:
+                raise ValueError(f"it expands to more than {limit} values once its aliases are followed "
+                                 "(a YAML alias bomb?)")
+        active.discard(id(o))
+        memo[id(o)] = n
+        return n
+
+    return size(obj)
+
+
+def parse_yaml(text: str | bytes, where: str) -> Any:
+    """Parse config YAML strictly: UTF-8 only, no duplicate keys, bounded size and alias expansion.
+
+    Every problem is a :class:`FedtuneError` naming ``where`` (a file, ``override 'k=v'``), with the
+    line when there is one."""
+    if len(text) > MAX_YAML_BYTES:
+        raise FedtuneError(f"{where} is {len(text)} bytes; config YAML is limited to {MAX_YAML_BYTES} bytes")
+    if isinstance(text, bytes):
+        try:
+            text = text.decode("utf-8")
+        except UnicodeDecodeError as e:
+            line = text[: e.start].count(b"\n") + 1
+            raise FedtuneError(f"{where}:{line}: not valid UTF-8 ({e.reason} at byte {e.start}); "
+                               "save the file as UTF-8") from None
+    try:
+        value = yaml.load(text, Loader=_StrictLoader)  # noqa: S506 (a SafeLoader subclass)
+        _expanded_size(value, MAX_YAML_NODES)
+    except yaml.MarkedYAMLError as e:
+        mark = e.problem_mark or e.context_mark
+        at = f":{mark.line + 1}:{mark.column + 1}" if mark is not None else ""
+        raise FedtuneError(f"{where}{at}: not valid YAML: {e.problem or e.context}") from None
+    except yaml.YAMLError as e:
+        raise FedtuneError(f"{where}: not valid YAML: {e}") from None
+    except RecursionError:
+        raise FedtuneError(f"{where}: YAML nested too deeply") from None
+    except ValueError as e:  # an integer of more than 4300 digits, or the expansion limit
+        import re
+
+        long = re.search(r"[0-9_]{4000,}", text)
+        if long is None:
+            raise FedtuneError(f"{where}: {e}") from None
+        line = text.count("\n", 0, long.start()) + 1
+        raise FedtuneError(f"{where}:{line}: a number of {long.end() - long.start()} digits; no setting "
+                           "takes one that long") from None
+    return value
+
+
+def read_yaml_file(path: str | Path, what: str = "config file") -> Any:
+    """Read and :func:`parse_yaml` a file; a missing or unreadable file is a FedtuneError."""
+    p = Path(path)
+    try:
+        if p.stat().st_size > MAX_YAML_BYTES:
+            raise FedtuneError(f"{what} '{p}' is {p.stat().st_size} bytes; config YAML is limited to "
+                               f"{MAX_YAML_BYTES} bytes")
+        raw = p.read_bytes()
+    except FileNotFoundError:
+        raise FedtuneError(f"{what} '{p}' not found") from None
+    except IsADirectoryError:
+        raise FedtuneError(f"{what} '{p}' is a directory, not a YAML file") from None
+    except OSError as e:
+        raise FedtuneError(f"cannot read {what} '{p}': {e.strerror or e}") from None
+    return parse_yaml(raw, f"{what} '{p}'")
+
+
 def _parse_scalar(text: str) -> Any:
     """CLI override values are YAML scalars: ``3e-4`` -> float, ``null`` -> None, ``[a,b]`` -> list."""
     try:
-        return yaml.safe_load(text)
+        yaml.safe_load(text)  # plain text that is not YAML (``a: b: c``) stays text, as before
     except yaml.YAMLError:
         return text
+    except (ValueError, RecursionError):
+        pass  # parse_yaml says what is wrong
+    return parse_yaml(text, f"override value {text[:60]!r}")
 
 
-def _check_keys(d: dict[str, Any], model: type[BaseModel], where: str) -> None:
-    """Reject unknown keys with the closest valid one (pydantic alone gives no suggestion)."""
+def _unknown_keys(d: dict[str, Any], model: type[BaseModel], where: str) -> list[str]:
+    """Every unknown key, each with the closest valid one (pydantic alone gives no suggestion)."""
+    problems = []
     for key, value in d.items():
         fields = model.model_fields
         if key not in fields:
             name = f"{where}.{key}" if where else key
-            raise FedtuneError(
-                f"unknown config key '{name}'{did_you_mean(key, fields)}; "
-                f"valid keys{' in ' + where if where else ''}: {', '.join(fields)}"
-            )
+            problems.append(f"unknown config key '{name}'{did_you_mean(key, fields)}; "
+                            f"valid keys{' in ' + where if where else ''}: {', '.join(fields)}")
+            continue
         ann = fields[key].annotation
         if isinstance(value, dict) and isinstance(ann, type) and issubclass(ann, BaseModel):
-            _check_keys(value, ann, f"{where}.{key}" if where else key)
+            problems += _unknown_keys(value, ann, f"{where}.{key}" if where else key)
+    return problems
+
+
+def _check_keys(d: dict[str, Any], model: type[BaseModel], where: str) -> None:
+    """Reject unknown keys, all of them in one error (one line each)."""
+    problems = _unknown_keys(d, model, where)
+    if len(problems) == 1:
+        raise FedtuneError(problems[0])
+    if problems:
+        raise FedtuneError(f"{len(problems)} unknown config keys:\n  " + "\n  ".join(problems))
 
 
 def apply_overrides(d: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
@@ -392,7 +550,8 @@ def config_from_dict(d: dict[str, Any]) -> Config:
         problems = []
         for err in e.errors():
             loc = ".".join(str(x) for x in err["loc"])
-            problems.append(f"{loc}: {err['msg']} (got {err.get('input')!r})")
+            got = repr(err.get("input"))
+            problems.append(f"{loc}: {err['msg']} (got {got[:80] + '...' if len(got) > 80 else got})")
         raise FedtuneError("invalid config:\n  " + "\n  ".join(problems)) from None
     _check_algorithm(cfg.fl)
     return cfg
@@ -413,16 +572,25 @@ def load_config(path: str | Path | None, overrides: list[str] | None = None) -> 
     d: dict[str, Any] = {}
     if path is not None:
         p = Path(path)
-        if not p.is_file():
-            raise FedtuneError(f"config file '{p}' not found")
-        try:
-            d = yaml.safe_load(p.read_text()) or {}
-        except yaml.YAMLError as e:
-            raise FedtuneError(f"config file '{p}' is not valid YAML: {e}") from None
+        d = read_yaml_file(p) or {}
         if not isinstance(d, dict):
             raise FedtuneError(f"config file '{p}' must hold a mapping of sections, not {type(d).__name__}")
     apply_overrides(d, overrides or [])
     return config_from_dict(d)
+
+
+def load_saved_config(path: str | Path) -> Config:
+    """The resolved config a run saved (``RUN_DIR/config.yaml``): empty, malformed or invalid is one
+    FedtuneError naming the file (a damaged run directory), never a traceback."""
+    p = Path(path)
+    d = read_yaml_file(p, "saved run config")
+    if not isinstance(d, dict) or not d:
+        raise FedtuneError(f"saved run config '{p}' is {'empty' if not d else 'not a mapping'}; the run "
+                           "directory is damaged (it is rewritten from your config by a fresh run)")
+    try:
+        return config_from_dict(d)
+    except FedtuneError as e:
+        raise FedtuneError(f"saved run config '{p}' does not validate: {e}") from None
 
 
 def save_config(cfg: Config, path: Path) -> None:

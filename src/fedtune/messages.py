@@ -37,6 +37,17 @@ _PAYLOAD = "payload"
 #: 12) plus room for header and metrics: the cap on what a compressed message may expand to.
 _BYTES_PER_ELEMENT = 16
 _HEADER_ROOM = 1 << 20
+#: without ``expect`` (defence in depth: every network path passes one), what a message's own length
+#: allows: coded tensors may declare at most this many elements per byte of their parts, plus a
+#: small allowance — int4 packs 2 per byte, top-k at fraction f about 1/(5f) (value + int32 index), so
+#: 64 covers top-k fractions down to ~1/300; a 324-byte message can no longer ask for 16 GiB ...
+_ELEMENTS_PER_BYTE = 64
+_FREE_ELEMENTS = 1 << 16
+#: ... and a compressed message may expand at most this factor, plus a little room for a small one
+#: (real adapters, float noise, compress by a few x; the global adapter the clustered followers
+#: decode never uses top-k)
+_EXPANSION = 256
+_ENVELOPE_ROOM = 1 << 16
 #: metrics and config entries a message may carry, and the longest name or string value: what
 #: fedtune sends is a dozen short names; anything far beyond is not a fedtune message.
 MAX_ENTRIES = 64
@@ -180,15 +191,17 @@ def decode(data: bytes, *, expect: Spec | None = None, allow_nonfinite: bool = F
 
     With ``expect``, a compressed message may expand to at most about 16 bytes per expected
     element (the largest allowed size), and coded tensors' declared shapes are checked before
-    anything is rebuilt.
+    anything is rebuilt. Without it the message's own size bounds both: it may expand at most
+    ``_EXPANSION``-fold, and its coded tensors may declare at most ``_ELEMENTS_PER_BYTE`` elements
+    per byte of their parts.
     """
     tensors, meta = _read(data)
     if expect is not None:
         expect = {k: as_spec(v) for k, v in expect.items()}
         expected_elems = sum(numel(tuple(s.shape)) for s in expect.values())
         limit = min(MAX_MESSAGE_BYTES, _BYTES_PER_ELEMENT * expected_elems + _HEADER_ROOM)
-    else:
-        expected_elems, limit = None, MAX_MESSAGE_BYTES
+    else:  # bounded by the message itself
+        expected_elems, limit = None, min(MAX_MESSAGE_BYTES, _EXPANSION * len(data) + _ENVELOPE_ROOM)
     if _ENVELOPE_KEY in meta:
         if set(meta) != {_ENVELOPE_KEY}:
             raise MessageError("a compression envelope carries nothing but its payload")
@@ -207,7 +220,11 @@ def decode(data: bytes, *, expect: Spec | None = None, allow_nonfinite: bool = F
         raise MessageError("message metadata: delta must be a list of distinct tensor group names")
     _check_metrics(metrics)
     _check_config(config)
-    max_elems = expected_elems if expected_elems is not None else MAX_MESSAGE_BYTES // 2
+    if expected_elems is not None:
+        max_elems = expected_elems
+    else:
+        raw_bytes = sum(t.numel() * t.element_size() for t in tensors.values())
+        max_elems = min(MAX_MESSAGE_BYTES // 2, _ELEMENTS_PER_BYTE * raw_bytes + _FREE_ELEMENTS)
     tensors = decode_tensors(tensors, body.get("codecs", {}), expect=expect, max_elements=max_elems)
     if expect is not None:
         if tensors.keys() != expect.keys():

@@ -39,10 +39,19 @@ class MetricsLogger:
         self.rows: list[dict[str, Any]] = []
         if resume_round is not None and self.jsonl.is_file():
             # keep what the checkpoint covers; rounds after it will be redone
-            for line in self.jsonl.read_text().splitlines():
-                row = json.loads(line)
+            bad = 0
+            for line in self.jsonl.read_text(errors="replace").splitlines():
+                try:
+                    row = json.loads(line)
+                except (ValueError, RecursionError):  # e.g. a line cut short by a kill mid-append
+                    row = None
+                if not isinstance(row, dict) or not isinstance(row.get("round", 0), int):
+                    bad += line.strip() != ""
+                    continue
                 if row.get("round", 0) <= resume_round:
                     self.rows.append(row)
+            if bad:
+                log.warning("%s: dropped %d malformed line(s) (a write cut short?)", self.jsonl, bad)
             atomic_write_text(self.jsonl, "".join(json.dumps(r) + "\n" for r in self.rows))
         elif self.jsonl.exists():
             self.jsonl.unlink()

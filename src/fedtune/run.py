@@ -18,17 +18,18 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import yaml
 
 from fedtune.adapters import attach_adapter, get_adapter_state, save_adapter
 from fedtune.algorithms import Algorithm, Setup, build_algorithm
-from fedtune.checkpoint import latest_checkpoint, load_checkpoint, restore_rng_state
+from fedtune.checkpoint import find_resumable_checkpoint, load_checkpoint, restore_rng_state
 from fedtune.client import ClientRuntime, FedClient
-from fedtune.config import Config, config_from_dict, save_config
+from fedtune.config import Config, config_from_dict, load_saved_config, save_config
 from fedtune.errors import FedtuneError
 from fedtune.metrics import MetricsLogger
 from fedtune.models import load_model
+from fedtune.outcome import check_training_happened, disk_errors
 from fedtune.report import human_bytes, plot_losses, round_table, summary_table
+from fedtune.rundir_lock import RunDirLock
 from fedtune.server import GLOBAL, RoundHooks, Server, clients_per_round
 from fedtune.state import ClientStateStore
 from fedtune.transport import InProcessTransport
@@ -70,45 +71,91 @@ class RunDir:
     made it); a resumed run is never deleted. ``output.overwrite`` replaces an earlier run in
     ``output.dir``: it is renamed aside (atomic) and deleted once the new run is set up, or put back
     if that fails.
+
+    The directory's lock (:mod:`fedtune.rundir_lock`) is held from the moment this invocation may
+    change anything in it — from planning on for a directory that exists, from its creation for a
+    new one — until :meth:`release`: a second writer is refused and touches nothing.
     """
 
     path: Path
     resume: bool
     replace: bool = False
-    _created: Path | None = field(default=None, init=False)  # the topmost directory this invocation made
+    lock: RunDirLock | None = None
+    _made: list[Path] = field(default_factory=list, init=False)  # directories this invocation made, top first
+    _made_lock_file: bool = field(default=False, init=False)
+    _made_config: bool = field(default=False, init=False)  # config.yaml is new (an existing directory)
     _aside: Path | None = field(default=None, init=False)  # the run being replaced, until the new one is set up
+    _aside_lock: RunDirLock | None = field(default=None, init=False)
+
+    def _owned(self) -> bool:
+        return self.lock is not None and self.lock.held
+
+    def _made_path(self) -> bool:
+        return bool(self._made) and self._made[-1] == Path(os.path.abspath(self.path))
 
     def create(self, cfg: Config) -> None:
-        """Make the directory (fresh run) and save the resolved config in it."""
+        """Make the directory (fresh run), lock it, and save the resolved config in it."""
         if not self.resume:
-            if self.replace:
+            if self.replace:  # planning locked the run being replaced: no live run is replaced
                 self._aside = self.path.with_name(f".{self.path.name}.replaced-{os.getpid()}")
                 shutil.rmtree(self._aside, ignore_errors=True)
                 os.replace(self.path, self._aside)
-            top = self.path.absolute()
-            while not top.parent.exists():
-                top = top.parent
-            self._created = top if not top.exists() else None
-            self.path.mkdir(parents=True, exist_ok=True)
+                self._aside_lock, self.lock = self.lock, None
+            if not self._owned():
+                self._made = _make_dirs(self.path)
+                self.lock = RunDirLock(self.path)
+                self._made_lock_file = not self.lock.path.exists()
+                self.lock.acquire()
+                if not self._made_path() and (self.path / "checkpoints").exists():
+                    # another run made this directory after we planned, and has finished by now
+                    raise FedtuneError(f"run directory {self.path} already holds a run (made while this one "
+                                       f"was being set up); use --resume {self.path} or another output.dir")
             # an earlier attempt that died before its first checkpoint may have left client state
             # here; it is not resumable, and a fresh run must not pick it up
             for old in (self.path / "state" / "clients").glob("*.safetensors"):
                 old.unlink()
+            self._made_config = not (self.path / "config.yaml").exists()
         save_config(cfg, self.path / "config.yaml")
 
     def commit(self) -> None:
         """The run is set up: drop the replaced run, nothing is taken back any more."""
         if self._aside is not None:
             shutil.rmtree(self._aside, ignore_errors=True)
-        self._aside = self._created = None
+        if self._aside_lock is not None:
+            self._aside_lock.release()
+        self._aside = self._aside_lock = None
+        self._made, self._made_lock_file, self._made_config = [], False, False
 
     def rollback(self) -> None:
-        """Setup failed: remove what this invocation created, put a replaced run back."""
-        if self._created is not None:  # (a replaced run's directory is always new: it was moved aside)
-            shutil.rmtree(self._created, ignore_errors=True)
-        if self._aside is not None:
-            os.replace(self._aside, self.path)
-        self._aside = self._created = None
+        """Setup failed: remove what this invocation created, put a replaced run back, unlock.
+
+        Only what this invocation made, and only while it holds the lock: a directory that a
+        concurrent run took over first is left to that run."""
+        if self._owned() and not self.resume:
+            if self._made_path():
+                shutil.rmtree(self.path, ignore_errors=True)
+            else:  # a directory that was there: take back the files this invocation added
+                if self._made_config:
+                    (self.path / "config.yaml").unlink(missing_ok=True)
+                if self._made_lock_file:
+                    self.lock.path.unlink(missing_ok=True)
+            if self._aside is not None and not os.path.lexists(self.path):
+                os.replace(self._aside, self.path)
+                self._aside = None
+        self.release()
+        for d in reversed(self._made[:-1] if self._made_path() else self._made):
+            try:
+                d.rmdir()  # only when empty: a parent another run writes into stays
+            except OSError:
+                break
+        self._made, self._made_lock_file, self._made_config = [], False, False
+
+    def release(self) -> None:
+        """Unlock the directory (idempotent; the end of a run, on any exit)."""
+        for lk in (self.lock, self._aside_lock):
+            if lk is not None:
+                lk.release()
+        self._aside_lock = None
 
     @contextmanager
     def setting_up(self, cfg: Config):
@@ -122,39 +169,94 @@ class RunDir:
         self.commit()
 
 
+def _make_dirs(path: Path) -> list[Path]:
+    """``mkdir -p path``; returns the directories this call made, topmost first (``path`` last when
+    it made it). ``os.mkdir`` is atomic, so of two processes racing for a directory only one counts
+    it as its own."""
+    missing = []
+    p = Path(os.path.abspath(path))
+    while not os.path.lexists(p) and p != p.parent:
+        missing.append(p)
+        p = p.parent
+    made = []
+    for d in reversed(missing):
+        try:
+            os.mkdir(d)
+            made.append(d)
+        except FileExistsError:
+            pass
+    return made
+
+
 def plan_run_dir(cfg: Config, resume: Path | None) -> RunDir:
-    """Check where the run goes without writing anything (a resume: that it is the same run)."""
+    """Check where the run goes without writing anything but the lock file (a resume: that it is the
+    same run, with an intact checkpoint). A directory that exists is locked here; the returned
+    :class:`RunDir` must be released (``rollback``/``release``) whatever happens next."""
+    from fedtune.preflight import check_output_location
+
     if resume is not None:
         run_dir = Path(resume)
-        saved = run_dir / "config.yaml"
-        if not saved.is_file():
-            raise FedtuneError(f"--resume {run_dir}: no config.yaml there; is it a fedtune run directory?")
-        old = config_from_dict(yaml.safe_load(saved.read_text()))
-        if old.fingerprint() != cfg.fingerprint():
-            changes = [c for c in _diff(old.to_dict(), cfg.to_dict())
-                       if not c.startswith(("output.", "fl.rounds", "deploy."))]
-            raise FedtuneError(
-                f"--resume {run_dir}: that run was made by a different config; differences:\n  "
-                + "\n  ".join(changes[:10]) + "\nresume with the same config, or start a new run."
-            )
-        if latest_checkpoint(run_dir) is None:
-            raise FedtuneError(f"--resume {run_dir}: no checkpoint there yet; start the run again instead")
-        return RunDir(run_dir, resume=True)
+        if not run_dir.is_dir():
+            raise FedtuneError(f"--resume {run_dir}: no such directory")
+        lock = RunDirLock(run_dir).acquire()  # before reading anything a live run may be writing
+        try:
+            return _plan_resume(cfg, run_dir, lock)
+        except BaseException:
+            lock.release()
+            raise
     if not cfg.output.dir:
-        return RunDir(Path("runs") / f"{cfg.output.name}-{time.strftime('%Y%m%d-%H%M%S')}", resume=False)
+        run_dir = Path("runs") / f"{cfg.output.name}-{time.strftime('%Y%m%d-%H%M%S')}"
+        check_output_location(run_dir)
+        return RunDir(run_dir, resume=False)
     run_dir = Path(cfg.output.dir)
-    holds_run = (run_dir / "checkpoints").exists()
-    if cfg.output.overwrite and (holds_run or (run_dir / "config.yaml").is_file()):
-        if not (run_dir / "config.yaml").is_file():
-            raise FedtuneError(f"output.overwrite: {run_dir} has checkpoints but no config.yaml; it is not "
-                               "a fedtune run directory, so it is left alone; choose another output.dir")
-        return RunDir(run_dir, resume=False, replace=True)
-    if holds_run:
+    if not run_dir.is_dir():  # (a regular file there is refused by the check)
+        check_output_location(run_dir)
+        return RunDir(run_dir, resume=False)
+    lock = RunDirLock(run_dir)
+    made_lock_file = not lock.path.exists()
+    lock.acquire()  # before anything else here: a live run in it is not even probed
+    try:
+        check_output_location(run_dir)
+        holds_run = (run_dir / "checkpoints").exists()
+        if cfg.output.overwrite and (holds_run or (run_dir / "config.yaml").is_file()):
+            if not (run_dir / "config.yaml").is_file():
+                raise FedtuneError(f"output.overwrite: {run_dir} has checkpoints but no config.yaml; it is not "
+                                   "a fedtune run directory, so it is left alone; choose another output.dir")
+            return RunDir(run_dir, resume=False, replace=True, lock=lock)
+        if holds_run:
+            raise FedtuneError(
+                f"run directory {run_dir} already holds a run; use --resume {run_dir} to continue it, "
+                "output.overwrite=true to replace it, or choose another output.dir"
+            )
+        rd = RunDir(run_dir, resume=False, lock=lock)
+        rd._made_lock_file = made_lock_file
+        return rd
+    except BaseException:
+        lock.release()
+        if made_lock_file:
+            lock.path.unlink(missing_ok=True)
+        raise
+
+
+def _plan_resume(cfg: Config, run_dir: Path, lock: RunDirLock) -> RunDir:
+    saved = run_dir / "config.yaml"
+    if not saved.is_file():
+        raise FedtuneError(f"--resume {run_dir}: no config.yaml there; is it a fedtune run directory?")
+    old = load_saved_config(saved)
+    if old.fingerprint() != cfg.fingerprint():
+        changes = [c for c in _diff(old.to_dict(), cfg.to_dict())
+                   if not c.startswith(("output.", "fl.rounds", "deploy."))]
         raise FedtuneError(
-            f"run directory {run_dir} already holds a run; use --resume {run_dir} to continue it, "
-            "output.overwrite=true to replace it, or choose another output.dir"
+            f"--resume {run_dir}: that run was made by a different config; differences:\n  "
+            + "\n  ".join(changes[:10]) + "\nresume with the same config, or start a new run."
         )
-    return RunDir(run_dir, resume=False)
+    ckpt, notes = find_resumable_checkpoint(run_dir)
+    if ckpt is None and not notes:
+        raise FedtuneError(f"--resume {run_dir}: no checkpoint there yet; start the run again instead")
+    if ckpt is None:
+        raise FedtuneError(f"--resume {run_dir}: no intact checkpoint to resume from:\n  " + "\n  ".join(notes)
+                           + "\nstart the run again (output.overwrite=true replaces this directory)")
+    return RunDir(run_dir, resume=True, lock=lock)
 
 
 def _tokenize_clients(fed, tokenizer, cfg: Config, names: list[str]) -> dict[str, dict[str, Any]]:
@@ -165,7 +267,8 @@ def _tokenize_clients(fed, tokenizer, cfg: Config, names: list[str]) -> dict[str
     for client in fed.clients:
         out[client.name] = {}
         for split in ("train", "val", "test"):
-            ds = tokenize_records(getattr(client, split), tokenizer, cfg.data)
+            ds = tokenize_records(getattr(client, split), tokenizer, cfg.data, progress=cfg.output.progress,
+                                  desc=f"tokenising {client.name[:40]} {split}")
             out[client.name][split] = ds
             dropped += ds.num_dropped
             truncated += ds.num_truncated
@@ -250,26 +353,60 @@ def algorithm_setup(cfg: Config, algorithm: Algorithm, clients: list[str], num_t
 
 
 def resume_state(run_dir: Path, store: ClientStateStore, algorithm: Algorithm, echo) -> tuple[int, int, dict[str, Any]]:
-    """Load the last checkpoint into ``algorithm`` and ``store``: (round it holds, first round to
-    run, its metadata)."""
-    ckpt = latest_checkpoint(run_dir)
-    resume_round, server_state, meta = load_checkpoint(ckpt, store)
-    if meta.get("algorithm", algorithm.name) != algorithm.name:
-        raise FedtuneError(f"--resume {run_dir}: its checkpoint holds {meta['algorithm']}'s state, this run is "
-                           f"{algorithm.name}")
-    algorithm.load_state_dict(server_state, meta.get("algorithm_meta", {}))
-    restore_rng_state(ckpt)  # last: nothing draws between here and the next round
+    """Load the newest intact checkpoint into ``algorithm`` and ``store``: (round it holds, first
+    round to run, its metadata).
+
+    A damaged newest checkpoint (truncated, garbage ``latest``, a corrupt client state) is passed
+    over for the newest intact one that ``checkpoint.keep`` retained, with a warning saying why."""
+    ckpt, notes = find_resumable_checkpoint(run_dir)
+    if ckpt is None:
+        raise FedtuneError(f"--resume {run_dir}: no intact checkpoint to resume from:\n  "
+                           + "\n  ".join(notes or ["there is none"]))
+    for note in notes:
+        log.warning("checkpoint passed over: %s", note)
+        echo(f"warning: {note}")
+    if notes:
+        echo(f"warning: resuming from the older intact checkpoint {ckpt.name}; the rounds after it are run again")
+    try:
+        resume_round, server_state, meta = load_checkpoint(ckpt, store)
+        if meta.get("algorithm", algorithm.name) != algorithm.name:
+            raise FedtuneError(f"--resume {run_dir}: its checkpoint holds {meta['algorithm']}'s state, this run "
+                               f"is {algorithm.name}")
+        algorithm.load_state_dict(server_state, meta.get("algorithm_meta", {}))
+        restore_rng_state(ckpt)  # last: nothing draws between here and the next round
+    except FedtuneError:
+        raise
+    except Exception as e:  # noqa: BLE001 - verified above; what is left is damage inside the data
+        raise FedtuneError(f"--resume {run_dir}: checkpoint {ckpt.name} cannot be loaded ({type(e).__name__}: "
+                           f"{str(e)[:200]}); remove it (rm -r {ckpt}) to resume from an older one") from None
     echo(f"resuming from {ckpt} (round {resume_round})")
     return resume_round, resume_round + 1, meta
 
 
+#: run directories locked by :func:`start_run`, until :func:`end_run`
+_STARTED: dict[Path, RunDir] = {}
+
+
 def start_run(cfg: Config, resume: Path | str | None) -> Path:
-    """Create (or check, when resuming) the run directory and save the resolved config there."""
+    """Create (or check, when resuming) the run directory, lock it and save the resolved config
+    there; the lock is held until :func:`end_run` (or the process ends)."""
     rd = plan_run_dir(cfg, Path(resume) if resume else None)
-    rd.create(cfg)
+    try:
+        rd.create(cfg)
+    except BaseException:
+        rd.rollback()
+        raise
     rd.commit()
+    _STARTED[Path(os.path.abspath(rd.path))] = rd
     seed_everything(cfg.seed)
     return rd.path
+
+
+def end_run(run_dir: Path) -> None:
+    """Release the lock :func:`start_run` took on ``run_dir`` (idempotent)."""
+    rd = _STARTED.pop(Path(os.path.abspath(run_dir)), None)
+    if rd is not None:
+        rd.release()
 
 
 def run(cfg: Config, resume: Path | str | None = None, *, verbose: bool = True) -> RunResult:
@@ -277,28 +414,43 @@ def run(cfg: Config, resume: Path | str | None = None, *, verbose: bool = True) 
     t_start = time.perf_counter()
     echo = (lambda s: print(s, flush=True)) if verbose else (lambda s: None)
     # Whatever can reject the input comes before anything is written: the device, the run
-    # directory (checked only), then the model, the data and the eval tasks (in _build).
+    # directory (checked, and locked when it exists), then the model, the data and the eval tasks
+    # (in _build), then the config against them (preflight_run).
     device = rank_device(resolve_device(cfg.train.device, "train.device"), 0)
-    rd = plan_run_dir(cfg, Path(resume) if resume else None)
-    seed_everything(cfg.seed)
-
+    rd = plan_run_dir(cfg, Path(resume) if resume else None)  # locks an existing directory
     cluster, followers, threads = None, [], torch.get_num_threads()
-    if cfg.train.world_size > 1:  # clustered mode: start the followers first, they load in parallel
-        addr, followers = start_followers(cfg, follower_main, (cfg.to_dict(),))
     try:
+        seed_everything(cfg.seed)
+        if cfg.train.world_size > 1:  # clustered mode: start the followers first, they load in parallel
+            addr, followers = start_followers(cfg, follower_main, (cfg.to_dict(),))
         # the disk store creates its directory on first use, so nothing is written yet
         b = _build(cfg, device, ClientStateStore(rd.path / "state" / "clients" if cfg.train.client_state == "disk"
                                                  else None))
+        preflight_run(cfg, b, rd.path)
         task_eval = _task_evaluator(cfg, b, echo)
         if followers:
             cluster = join_cluster(b.rt, 0, cfg, addr)
         with rd.setting_up(cfg):
             server, logger, start = _setup_server(cfg, b, rd.path, resume, echo, verbose, task_eval)
-        server.run(start_round=start)
-        return finish_run(cfg, logger, rd.path, len(b.train_clients), t_start, echo,
-                          per_client=GLOBAL not in b.algorithm.adapters())
+        with disk_errors(rd.path):
+            server.run(start_round=start)
+            return finish_run(cfg, logger, rd.path, len(b.train_clients), t_start, echo,
+                              per_client=GLOBAL not in b.algorithm.adapters())
+    except BaseException:
+        rd.rollback()  # a no-op once the run is set up (committed): only the lock is released
+        raise
     finally:
         stop_cluster(cluster, followers, threads)
+        rd.release()
+
+
+def preflight_run(cfg: Config, b: _Built, run_dir: Path) -> None:
+    """What can only be checked once the model and data are loaded, before the run directory is
+    made: the config against the model and the federation, and the space a checkpoint needs."""
+    from fedtune.preflight import check_federation, check_free_space, checkpoint_bytes
+
+    check_federation(cfg, len(b.train_clients))
+    check_free_space(run_dir, checkpoint_bytes(b.am.init, len(b.names), GLOBAL not in b.algorithm.adapters()))
 
 
 @dataclass
@@ -321,7 +473,10 @@ def rank_device(device: torch.device, rank: int) -> torch.device:
 
 
 def _build(cfg: Config, device: torch.device, store: ClientStateStore) -> _Built:
+    from fedtune.preflight import check_against_model
+
     base = load_model(cfg.model)
+    check_against_model(cfg, base[0])  # before the data: peft.r, data.max_length vs the model
     tok = load_client_data(cfg, base[1])
     names = list(tok)
     am = build_adapter_model(cfg, base, device)
@@ -443,6 +598,7 @@ def finish_run(cfg: Config, logger: MetricsLogger, run_dir: Path, num_train_clie
     change = ""
     if first is not None and last_val is not None:
         change = f"val loss {first['val_loss']:.4f} → {last_val:.4f} ({(last_val / first['val_loss'] - 1) * 100:+.1f}%), "
+    check_training_happened(rows, adapter_dir, echo)
     echo(f"done: {cfg.fl.rounds} rounds × {num_train_clients} clients ({cfg.fl.scenario}), {change}"
          f"{human_bytes(sent)} exchanged, {elapsed / 60:.1f} min")
     return result

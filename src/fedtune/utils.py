@@ -65,19 +65,30 @@ def derive_seed(*parts: int | str) -> int:
     return int.from_bytes(h[:8], "little") & (2**63 - 1)
 
 
-def safe_name(name: str) -> str:
-    """A client id made safe as a file or directory name.
+#: longest name :func:`safe_name` returns: with a suffix such as ``.safetensors`` and the temp-file
+#: decoration of an atomic write it stays far below the 255 bytes a file name may have
+SAFE_NAME_MAX = 100
 
-    Names that need changing get a short hash so two ids never collide ("C#" -> "C_-<hash>").
+
+def safe_name(name: str) -> str:
+    """A client id made safe as a file or directory name (the id itself stays the display name).
+
+    Names that need changing get a short hash so two ids never collide ("C#" -> "C_-<hash>"); a
+    name longer than :data:`SAFE_NAME_MAX` (a meta split grouping 200 categories into 2 clients
+    joins them with ``+``) is cut and gets a longer hash of the whole name. Idempotent: a safe
+    name maps to itself.
     """
     import hashlib
     import re
 
     name = str(name)
     cleaned = re.sub(r"[^A-Za-z0-9._+=-]", "_", name).strip(".")
-    if cleaned == name and cleaned:
+    if cleaned == name and cleaned and len(cleaned) <= SAFE_NAME_MAX:
         return cleaned
-    return f"{cleaned or '_'}-{hashlib.sha1(name.encode()).hexdigest()[:6]}"
+    digest = hashlib.sha1(name.encode("utf-8", "surrogatepass")).hexdigest()
+    if len(cleaned) + 7 <= SAFE_NAME_MAX:
+        return f"{cleaned or '_'}-{digest[:6]}"
+    return f"{cleaned[: SAFE_NAME_MAX - 13].rstrip('.')}-{digest[:12]}"
 
 
 def resolve_device(name: str, setting: str = "device") -> torch.device:

@@ -156,7 +156,7 @@ class Options(BaseModel):
     """An algorithm's options (``fl.options`` in the config): typed, validated at load, unknown
     keys rejected with the closest valid one. Subclass per algorithm."""
 
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
 
 
 def _options_error(name: str, err: ValidationError, cls: type[Options]) -> FedtuneError:

@@ -45,6 +45,15 @@ OPTIONAL_FIELDS: tuple[str, ...] = ("input", "category")
 #: file suffixes :func:`load_records_file` understands (optionally followed by ``.gz``).
 FILE_FORMATS: tuple[str, ...] = (".json", ".jsonl", ".csv")
 
+#: the longest text a record field may hold (characters): far beyond any training example (they are
+#: cut to ``data.max_length`` tokens anyway), and small enough that one absurd field cannot stall the
+#: tokenizer or exhaust memory
+MAX_FIELD_CHARS = 10_000_000
+#: nesting of JSON values: records are flat objects of text; Python's parser stops near its
+#: recursion limit (~1000 levels) with a RecursionError, reported as one error with the line where
+#: the nesting passed this depth
+MAX_JSON_DEPTH = 500
+
 
 def file_format(path: Path) -> str | None:
     """``.json``/``.jsonl``/``.csv`` for a path (looking through a ``.gz`` suffix), else None."""
@@ -73,6 +82,43 @@ def _read_text(path: Path) -> str:
         raise FedtuneError(f"{path}:{line}: not valid UTF-8 ({e.reason})") from None
 
 
+def _json_problem(e: Exception, text: str) -> tuple[str, int | None]:
+    """What a JSON parse error means, and the offset in ``text`` it points at (None: unknown)."""
+    if isinstance(e, json.JSONDecodeError):
+        return f"malformed JSON ({e.msg} at column {e.colno})", e.pos
+    if isinstance(e, RecursionError):
+        return ("JSON nested too deeply (the parser stops near 1000 levels; records are flat objects of text)",
+                _too_deep_at(text))
+    import re
+
+    digits = re.search(r"\d{4301,}", text)  # int() refuses longer decimal strings (CVE-2020-10735)
+    if digits is not None:
+        return f"a number of {digits.end() - digits.start()} digits (more than 4300 are refused)", digits.start()
+    return f"malformed JSON ({e})", None
+
+
+def _too_deep_at(text: str, limit: int = MAX_JSON_DEPTH) -> int | None:
+    """Offset where the nesting of ``text`` first exceeds ``limit`` (strings skipped)."""
+    depth, i, n, in_str = 0, 0, len(text), False
+    while i < n:
+        c = text[i]
+        if in_str:
+            if c == "\\":
+                i += 1
+            elif c == '"':
+                in_str = False
+        elif c == '"':
+            in_str = True
+        elif c in "[{":
+            depth += 1
+            if depth > limit:
+                return i
+        elif c in "]}":
+            depth -= 1
+        i += 1
+    return None
+
+
 def iter_jsonl(path: Path, text: str | None = None) -> Iterator[tuple[int, dict[str, Any]]]:
     """Yield ``(line_number, object)`` for each non-blank line of a JSON Lines file."""
     text = _read_text(path) if text is None else text
@@ -82,10 +128,8 @@ def iter_jsonl(path: Path, text: str | None = None) -> Iterator[tuple[int, dict[
             continue
         try:
             obj = loads(line)
-        except json.JSONDecodeError as e:
-            raise FedtuneError(
-                f"{path}:{lineno}: malformed JSON line ({e.msg} at column {e.colno})"
-            ) from None
+        except (ValueError, RecursionError) as e:  # JSONDecodeError is a ValueError
+            raise FedtuneError(f"{path}:{lineno}: {_json_problem(e, line)[0]}") from None
         if not isinstance(obj, dict):
             raise FedtuneError(f"{path}:{lineno}: expected a JSON object, got {type(obj).__name__}")
         yield lineno, obj
@@ -116,8 +160,10 @@ def _iter_json_list(path: Path) -> Iterator[tuple[int, dict[str, Any]]]:
     text = _read_text(path)
     try:
         data = json.loads(text)
-    except json.JSONDecodeError as e:
-        raise FedtuneError(f"{path}:{e.lineno}: malformed JSON ({e.msg} at column {e.colno})") from None
+    except (ValueError, RecursionError) as e:  # JSONDecodeError is a ValueError
+        why, pos = _json_problem(e, text)
+        line = f":{text.count(chr(10), 0, pos) + 1}" if pos is not None else ""
+        raise FedtuneError(f"{path}{line}: {why}") from None
     if not isinstance(data, list):
         raise FedtuneError(
             f"{path}: expected a JSON list of objects, got a {type(data).__name__} "
@@ -210,6 +256,17 @@ def check_field_mapping(fields: Mapping[str, str] | None) -> dict[str, str]:
 
 def _text(value: Any, path: Path, line: Any, column: str) -> str:
     if isinstance(value, str):
+        if len(value) > MAX_FIELD_CHARS:
+            raise FedtuneError(f"{path}:{line}: field '{column}' holds {len(value)} characters; at most "
+                               f"{MAX_FIELD_CHARS} are accepted")
+        if not value.isascii():
+            try:
+                value.encode("utf-8")
+            except UnicodeEncodeError as e:  # JSON's "\ud800" escape decodes to a lone surrogate
+                raise FedtuneError(
+                    f"{path}:{line}: field '{column}' holds an unpaired surrogate "
+                    f"{value[e.start]!r} at character {e.start}, which is not Unicode text (a "
+                    r"\uD800-\uDFFF escape without its pair); fix or drop that record") from None
         return value
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         raise FedtuneError(

@@ -29,15 +29,23 @@ def run_deployed(cfg: Config, grid, resume: str | Path | None = None, *, verbose
     from fedtune.flower.deploy import check_deployable
     from fedtune.flower.transport import FlowerTransport
     from fedtune.metrics import MetricsLogger
-    from fedtune.run import (adapter_saver, algorithm_setup, build_adapter_model, console_hooks, finish_run,
+    from fedtune.outcome import RunFailed, disk_errors
+    from fedtune.preflight import check_federation
+    from fedtune.run import (adapter_saver, algorithm_setup, build_adapter_model, console_hooks, end_run, finish_run,
                              resume_state, start_run)
     from fedtune.server import Server
     from fedtune.state import ClientStateStore
 
     check_deployable(cfg)  # also checked by `fedtune deploy submit`; a plain `flwr run` gets here
+    if cfg.deploy.clients:  # a fixed federation: checked before the run directory (else after discovery)
+        check_federation(cfg, len(cfg.deploy.clients))
     t_start = time.perf_counter()
-    run_dir = start_run(cfg, resume)
-    log_file = (run_dir / "server.log").open("a", encoding="utf-8")
+    run_dir = start_run(cfg, resume)  # locked until end_run: a second ServerApp on it is refused
+    try:
+        log_file = (run_dir / "server.log").open("a", encoding="utf-8")
+    except BaseException:
+        end_run(run_dir)
+        raise
 
     def echo(s: str) -> None:
         if verbose:
@@ -58,6 +66,7 @@ def run_deployed(cfg: Config, grid, resume: str | Path | None = None, *, verbose
             # SuperLink restart may be fewer: SuperNodes reconnect on their own schedule)
             clients = _checkpoint_clients(run_dir)
         cids, _ = transport.discover(clients)
+        check_federation(cfg, len(cids))
         echo(f"clients: {', '.join(f'{c} (node {transport.node_of.get(c)}, {transport.num_train.get(c)} examples)' for c in cids)}")
         algorithm_setup(cfg, algorithm, cids, transport.num_train, am.init)
         start, resume_round = 1, None
@@ -69,13 +78,20 @@ def run_deployed(cfg: Config, grid, resume: str | Path | None = None, *, verbose
                         num_train=transport.num_train,  # the live map: a client joining later is weighted too
                         store=store, logger=logger, run_dir=run_dir,
                         save_adapters=adapter_saver(cfg, am, run_dir), hooks=console_hooks(cfg, echo, verbose))
-        server.run(start_round=start)
-        return finish_run(cfg, logger, run_dir, len(cids), t_start, echo, per_client=GLOBAL not in algorithm.adapters())
+        with disk_errors(run_dir):
+            server.run(start_round=start)
+            # RunFailed: nothing was trained
+            return finish_run(cfg, logger, run_dir, len(cids), t_start, echo,
+                              per_client=GLOBAL not in algorithm.adapters())
+    except RunFailed as e:
+        echo(f"error: {e}")
+        raise
     except FedtuneError as e:
         echo(f"error: {e}\nthe last checkpoint is kept; continue with: fedtune deploy submit ... --resume {run_dir}")
         raise
     finally:
         log_file.close()
+        end_run(run_dir)
 
 
 def _checkpoint_clients(run_dir: Path) -> list[str] | None:
@@ -84,9 +100,9 @@ def _checkpoint_clients(run_dir: Path) -> list[str] | None:
 
     from safetensors import safe_open
 
-    from fedtune.checkpoint import latest_checkpoint
+    from fedtune.checkpoint import find_resumable_checkpoint
 
-    ckpt = latest_checkpoint(run_dir)
+    ckpt, _ = find_resumable_checkpoint(run_dir)  # the one the resume will use (damaged ones skipped)
     if ckpt is None:
         return None
     with safe_open(str(ckpt / "server.safetensors"), framework="pt") as f:
