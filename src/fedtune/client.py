@@ -22,7 +22,7 @@ from fedtune.codecs import Pipeline, build_pipeline
 from fedtune.config import Config
 from fedtune.messages import Message, encode
 from fedtune.state import ClientStateStore, optimizer_from_state, optimizer_to_state
-from fedtune.training import BatchStream, evaluate_loss, make_optimizer, train_local
+from fedtune.training import BatchStream, evaluate_loss, make_grad_scaler, make_optimizer, train_local
 from fedtune.utils import derive_seed
 
 if TYPE_CHECKING:
@@ -106,9 +106,7 @@ class FedClient:
         if cfg.train.precision == "fp16":
             # The loss scale is learned per client and kept in its state (so in checkpoints): a
             # fresh GradScaler every round would restart at 2^16 and skip steps finding it again.
-            scaler = torch.amp.GradScaler(rt.device.type)
-            if state.meta.get("scaler"):
-                scaler.load_state_dict(state.meta["scaler"])
+            scaler = make_grad_scaler(cfg.train, rt.device, state.meta.get("scaler"))
         # Dropout and any other torch randomness: a seed of (run, round, client), so a resumed
         # run and an uninterrupted one draw the same numbers whatever the client order.
         torch.manual_seed(derive_seed(cfg.seed, "train", rnd, self.cid))
