@@ -91,6 +91,17 @@ def tasks_for(suite: str | None, tasks: str | None, run_cfg: Any) -> list[str]:
     raise FedtuneError("say what to evaluate: --suite " + "|".join(SUITES) + ", or --tasks " + ",".join(TASKS))
 
 
+def stop_token_ids(template: Any, tokenizer: Any) -> list[int]:
+    """Token ids generation stops at besides EOS: the last id of the template's response
+    terminator (the chat format's end-of-turn token for ``chat``; EOS itself for the others)."""
+    if template is None or not hasattr(template, "end_ids"):
+        return []
+    try:
+        return template.end_ids(tokenizer)[-1:]
+    except FedtuneError:
+        return []
+
+
 def evaluate_model(model: Any, tokenizer: Any, settings: EvalSettings, *, template: Any = None,
                    run_cfg: Any = None, device: Any = None, echo=print) -> dict[str, Any]:
     """Run ``settings.tasks`` on one opened model; returns ``{task: TaskResult}``.
@@ -104,7 +115,7 @@ def evaluate_model(model: Any, tokenizer: Any, settings: EvalSettings, *, templa
     add_special = getattr(template, "add_special_tokens", True) if template is not None else True
     engine = Engine(model, tokenizer, device=device, batch_size=settings.batch_size,
                     max_batch_tokens=settings.max_batch_tokens, add_special_tokens=add_special,
-                    progress=settings.progress)
+                    progress=settings.progress, stop_token_ids=stop_token_ids(template, tokenizer))
     ctx = TaskContext(engine=engine, template=template, data_cfg=DataConfig(data_dir=settings.data_dir),
                       data_setting=settings.data_setting, run_cfg=run_cfg, limit=settings.limit,
                       seed=settings.seed, progress=settings.progress)
