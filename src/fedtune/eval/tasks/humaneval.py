@@ -87,8 +87,8 @@ class HumanEval(Task):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        if not isinstance(self.n, int) or self.n < 1:
-            raise FedtuneError(f"option 'humaneval.n' (samples per problem) must be at least 1, got {self.n!r}")
+        if not isinstance(self.n, int) or not 1 <= self.n <= 100_000:
+            raise FedtuneError(f"option 'humaneval.n' (samples per problem) must be from 1 to 100000, got {self.n!r}")
         ks = (self.ks,) if isinstance(self.ks, int) else self.ks  # humaneval.ks=10 means [10]
         if (not isinstance(ks, (tuple, list)) or not ks
                 or any(isinstance(k, bool) or not isinstance(k, int) or k < 1 for k in ks)):
