@@ -366,7 +366,7 @@ def test_client_keeps_its_fp16_loss_scale_and_lr_curve_across_rounds(peft_model,
         client.fit(Message(tensors=flatten({"adapter": init}), config={"round": rnd}))
     set_adapter_state(pm, init)
     (entry1, exit1, start1, lr1), (entry2, exit2, start2, lr2) = seen
-    fresh = torch.amp.GradScaler("cpu").state_dict()
+    fresh = torch.amp.GradScaler("cpu", init_scale=cfg.train.fp16_init_scale).state_dict()  # 1024 unless set
     assert entry1 == fresh and exit1 != fresh  # two steps moved the growth tracker (or the scale)
     assert entry2 == exit1  # round 3 goes on with round 1's scale, not a fresh 2^16
     assert rt.store.get("c0").meta["scaler"] == exit2  # stored, hence checkpointed and resumed

@@ -36,7 +36,7 @@ def build_peft_config(
 
     task = peft.TaskType.CAUSAL_LM
     if cfg.method == "lora":
-        targets = cfg.target_modules or list(arch_info(model.config.model_type).lora_targets)
+        targets = cfg.target_modules or list(arch_info(model.config.model_type, model).lora_targets)
         return peft.LoraConfig(
             task_type=task, r=cfg.r, lora_alpha=cfg.alpha, lora_dropout=cfg.dropout,
             target_modules=targets, bias="none",
@@ -99,7 +99,7 @@ def linear_module_names(model: torch.nn.Module) -> list[str]:
 
 
 def _target_error(model: torch.nn.Module, cfg: PeftConfig, err: Exception) -> FedtuneError:
-    given = cfg.target_modules or list(arch_info(model.config.model_type).lora_targets)
+    given = cfg.target_modules or list(arch_info(model.config.model_type, model).lora_targets)
     which = "peft.target_modules" if cfg.target_modules else f"the default LoRA targets of {model.config.model_type}"
     hint = " (or null for this architecture's default)" if cfg.target_modules else ""
     return FedtuneError(

@@ -32,7 +32,8 @@ from fedtune.messages import Message, encode
 from fedtune.payload import Wire, flat_spec
 from fedtune.state import ClientState, ClientStateStore, optimizer_from_state, optimizer_to_state
 from fedtune.training import (BatchStream, TrainStats, autocast_context, collate, evaluate_loss, label_logits_supported,
-                              lm_loss, lr_factor, make_optimizer, train_local)
+                              lm_loss, lr_factor, make_grad_scaler, make_optimizer,
+                              train_local)
 from fedtune.utils import derive_seed
 
 if TYPE_CHECKING:
@@ -180,11 +181,8 @@ class ClientContext:
             return None
         # The loss scale is learned per client and kept in its state (so in checkpoints): a fresh
         # GradScaler every round would restart at 2^16 and skip steps finding it again.
-        scaler = torch.amp.GradScaler(self.rt.device.type)
         saved = self.state.meta.get("scaler" if optimizer == "opt" else f"scaler:{optimizer}")
-        if saved:
-            scaler.load_state_dict(saved)
-        return scaler
+        return make_grad_scaler(self.cfg.train, self.rt.device, saved)
 
     def lr_at(self, step_in_round: int) -> float:
         """The learning rate of this round's local step ``step_in_round`` (the run's schedule)."""

@@ -126,6 +126,14 @@ class TrainConfig(_Section):
     max_grad_norm: float | None = Field(default=1.0, gt=0)
     #: autocast dtype of the forward pass; adapter weights and optimizer state stay fp32.
     precision: Literal["fp32", "bf16", "fp16"] = "fp32"
+    # --- harden-a (issue 13, item 14): the two fp16 loss-scale fields read by training.make_grad_scaler ---
+    #: fp16 only: the loss scale each client's GradScaler starts from (then halved on an overflow,
+    #: doubled after ``fp16_growth_interval`` clean steps). torch's own 2^16 made some models skip
+    #: most first-round steps as non-finite.
+    fp16_init_scale: float = Field(default=1024.0, ge=1, le=2.0**24)
+    #: fp16 only: clean optimizer steps after which the loss scale doubles.
+    fp16_growth_interval: int = Field(default=2000, ge=1)
+    # --- end harden-a ---
     #: keep each client's optimizer state between rounds (else a fresh optimizer every round).
     keep_optimizer_state: bool = True
     #: batch examples of similar length so little compute goes to padding.

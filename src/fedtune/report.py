@@ -32,20 +32,48 @@ def table(headers: list[str], rows: list[list[str]]) -> str:
     return "\n".join(out)
 
 
+_SKIP_HINT = ("with train.precision=fp16 the loss scale may start too high (lower train.fp16_init_scale); "
+              "otherwise check train.lr and the data")
+
+
+def skipped_steps_note(rnd: int, client_rows: list[dict[str, Any]]) -> str | None:
+    """A warning when clients skipped *every* local step of the round as non-finite (their update
+    is the adapter they received), ``None`` otherwise."""
+    trained = [c for c in client_rows if c.get("steps")]
+    lost = sorted(str(c.get("client")) for c in trained if (c.get("skipped_nonfinite") or 0) >= c["steps"])
+    if not lost:
+        return None
+    if len(lost) == len(trained):
+        return (f"warning: every local step of round {rnd} was skipped as non-finite (NaN/Inf loss or gradients): "
+                f"the adapter did not change this round; {_SKIP_HINT}")
+    return (f"warning: {len(lost)} of {len(trained)} clients ({', '.join(lost)}) skipped every local step of round "
+            f"{rnd} as non-finite, so their updates are the adapter they received; {_SKIP_HINT}")
+
+
 def round_table(rnd: int, row: dict[str, Any], client_rows: list[dict[str, Any]]) -> str:
     headers = ["client", "train loss", "val loss", "test loss", "sent ↓", "recv ↑", "time"]
+    # a "skipped" column only in a round where a step was skipped (NaN/Inf guard), "k/steps"
+    skips = any((c.get("skipped_nonfinite") or 0) > 0 for c in client_rows)
+    if skips:
+        headers.insert(4, "skipped")
     body = []
     for c in sorted(client_rows, key=lambda r: str(r.get("client"))):
-        body.append([str(c.get("client")), _f(c.get("train_loss")), _f(c.get("val_loss")), _f(c.get("test_loss")),
-                     human_bytes(c.get("bytes_down")), human_bytes(c.get("bytes_up")),
-                     _f(c.get("seconds"), "{:.1f}s")])
-    body.append(["ALL", _f(row.get("train_loss")), _f(row.get("val_loss")), _f(row.get("test_loss")),
-                 human_bytes(row.get("bytes_down")), human_bytes(row.get("bytes_up")),
-                 _f(row.get("seconds"), "{:.1f}s")])
+        cells = [str(c.get("client")), _f(c.get("train_loss")), _f(c.get("val_loss")), _f(c.get("test_loss")),
+                 human_bytes(c.get("bytes_down")), human_bytes(c.get("bytes_up")), _f(c.get("seconds"), "{:.1f}s")]
+        if skips:
+            cells.insert(4, f"{c.get('skipped_nonfinite') or 0}/{c['steps']}" if c.get("steps") else "-")
+        body.append(cells)
+    total = ["ALL", _f(row.get("train_loss")), _f(row.get("val_loss")), _f(row.get("test_loss")),
+             human_bytes(row.get("bytes_down")), human_bytes(row.get("bytes_up")), _f(row.get("seconds"), "{:.1f}s")]
+    if skips:
+        steps = sum(c.get("steps") or 0 for c in client_rows)
+        total.insert(4, f"{sum(c.get('skipped_nonfinite') or 0 for c in client_rows)}/{steps}")
+    body.append(total)
     title = f"round {rnd}" if rnd else "round 0 (before training)"
     extra = extra_metrics(row)
     more = "\n" + "  ".join(f"{k} {_f(v, '{:.4g}')}" for k, v in extra.items()) if extra else ""
-    return f"\n{title}\n{table(headers, body)}{more}"
+    note = skipped_steps_note(rnd, client_rows)
+    return f"\n{title}\n{table(headers, body)}{more}" + (f"\n{note}" if note else "")
 
 
 #: round-row keys the tables above already show, or bookkeeping nobody needs per round

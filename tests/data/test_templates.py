@@ -108,9 +108,9 @@ def test_truncation_by_hand(char_tokenizer):
     response = _c("xyz") + [EOS]  # 4 tokens
     ids, labels = encode_example(rec, char_tokenizer, Plain(), 13, "left")
     assert ids == prompt + response and labels == [-100] * 9 + response
-    # 13 > 10: the prompt loses its first 3 tokens, the response stays whole
+    # 13 > 10: the prompt loses 3 tokens after its BOS (which stays), the response stays whole
     ids, labels = encode_example(rec, char_tokenizer, Plain(), 10, "left")
-    assert ids == _c("abc\nA:") + response and labels == [-100] * 6 + response
+    assert ids == [BOS] + _c("bc\nA:") + response and labels == [-100] * 6 + response
     assert encode_example(rec, char_tokenizer, Plain(), 10, "drop") is None
     assert encode_example(rec, char_tokenizer, Plain(), 13, "drop") is not None
 
@@ -118,8 +118,8 @@ def test_truncation_by_hand(char_tokenizer):
 def test_truncation_long_response_keeps_its_start(char_tokenizer):
     rec = Record("abc", "", "x" * 20)  # response 21 tokens with EOS
     ids, labels = encode_example(rec, char_tokenizer, Plain(), 12, "left")
-    # the prompt keeps its last max_length // 4 = 3 tokens, the response its first 9 (no EOS)
-    assert ids == _c("\nA:") + _c("x" * 9)
+    # the prompt keeps its BOS and then its last (12 - 1) // 4 = 2 tokens, the response its first 9 (no EOS)
+    assert ids == [BOS] + _c("A:") + _c("x" * 9)
     assert labels == [-100] * 3 + _c("x" * 9)
 
 

@@ -19,6 +19,7 @@ def test_missing_data_file_names_the_file_and_the_setting(tmp_path, capsys, monk
     monkeypatch.setenv("FEDTUNE_DATA_DIR", str(tmp_path / "nothing"))
     monkeypatch.setenv("FEDTUNE_OFFLINE", "1")
     monkeypatch.setenv("FEDTUNE_CACHE", str(tmp_path / "cache"))
+    (tmp_path / "empty").mkdir()  # a directory without the task's file (one that does not exist is refused earlier)
     rc = main(["eval", "tiny-llama", "--tasks", "openbookqa", "--limit", "1", "--data-dir", str(tmp_path / "empty")])
     err = capsys.readouterr().err
     assert rc == 2 and "openbookqa/test.jsonl" in err and "--data-dir" in err and "$FEDTUNE_DATA_DIR" in err

@@ -55,7 +55,7 @@ def test_humaneval_headline_without_k_1(data_dir, tmp_path):
     (["humaneval.n=4"], "identical completions"),
     (["humaneval.ks=[0,1]"], "positive whole number"),
     (["humaneval.ks=one"], "positive whole number"),
-    (["humaneval.n=0"], "at least 1"),
+    (["humaneval.n=0"], "(samples per problem) must be from 1 to 100000"),
     (["humaneval.temperature=-0.5"], "must be 0 (greedy) or positive"),
     (["humaneval.top_p=1.5"], "(0, 1]"),
     (["humaneval.prompt=chat"], "'raw' or 'template'"),

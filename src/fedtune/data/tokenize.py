@@ -22,15 +22,16 @@ import numpy as np
 
 from fedtune.data.records import Record
 from fedtune.data.sources import cache_root
-from fedtune.data.templates import assemble, get_template, tokenize_parts
+from fedtune.data.templates import assemble, get_template, protected_prefix, special_prefix, tokenize_parts
 
 if TYPE_CHECKING:
     from fedtune.config import DataConfig
 
 log = logging.getLogger(__name__)
 
-#: bump when the token layout changes, so old cache entries are never reused.
-CACHE_VERSION = 1
+#: bump when the token layout changes, so old cache entries are never reused (2: left truncation
+#: keeps the BOS prefix; chat responses end with the chat format's end-of-turn token).
+CACHE_VERSION = 2
 #: tokenising at least this many records shows a progress bar (when asked for): 200k records take
 #: about a minute on 2 CPU cores, which must not look like a hang
 PROGRESS_MIN_RECORDS = 5000
@@ -258,12 +259,13 @@ def tokenize_records(
             log.warning("ignoring unreadable tokenisation cache %s (%s)", path, e)
 
     prompts, responses = _tokenize_parts(records, tokenizer, template, progress, desc)
+    prefix, bos = special_prefix(tokenizer), getattr(tokenizer, "bos_token_id", None)
     ids_out: list[list[int]] = []
     labels_out: list[list[int]] = []
     index: list[int] = []
     dropped = truncated = 0
     for i, (p, r) in enumerate(zip(prompts, responses)):
-        out = assemble(p, r, data_cfg.max_length, data_cfg.truncation)
+        out = assemble(p, r, data_cfg.max_length, data_cfg.truncation, protected_prefix(p, prefix, bos))
         if out is None:
             dropped += 1
             continue

@@ -141,6 +141,7 @@ class Engine:
         max_batch_tokens: int = 16384,
         add_special_tokens: bool = True,
         progress: bool = True,
+        stop_token_ids: Sequence[int] = (),
     ):
         self.model = model
         self.tok = tokenizer
@@ -158,6 +159,9 @@ class Engine:
             self.eos_ids.add(gen_eos)
         elif isinstance(gen_eos, (list, tuple)):
             self.eos_ids.update(int(e) for e in gen_eos)
+        # the end-of-turn token of the adapter's chat format (<|eot_id|>, <end_of_turn>, ...): a
+        # chat-trained adapter ends its answer with it, not with EOS
+        self.eos_ids.update(int(t) for t in stop_token_ids)
         self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else next(iter(self.eos_ids), 0)
         self._accepts_keep: bool | None = None  # 2-D logits_to_keep: probed at the first scoring call
 

@@ -54,8 +54,19 @@ def parse_task_options(items: list[str]) -> dict[str, dict[str, Any]]:
 
     from fedtune.eval.tasks import TASKS
 
+    class NoAliases(yaml.SafeLoader):
+        """YAML without aliases: a value like ``[&a [1,1], [*a,*a], ...]`` doubles with every
+        level (a "billion laughs"), and an option never needs one."""
+
+        def compose_node(self, parent, index):  # type: ignore[override]
+            if self.check_event(yaml.AliasEvent):
+                raise FedtuneError("a YAML alias (*name)")
+            return super().compose_node(parent, index)
+
     out: dict[str, dict[str, Any]] = {}
     for item in items:
+        if len(item) > 10_000:
+            raise FedtuneError(f"task option '{item[:60]}...' is {len(item):,} characters long; options are short values")
         key, sep, raw = item.partition("=")
         task, dot, opt = key.partition(".")
         if not sep or not dot or not opt:
@@ -63,7 +74,9 @@ def parse_task_options(items: list[str]) -> dict[str, dict[str, Any]]:
         if task not in TASKS:
             raise unknown_name("evaluation task", task, TASKS)
         try:
-            value = yaml.safe_load(raw)
+            value = yaml.load(raw, Loader=NoAliases)  # noqa: S506 - a SafeLoader subclass
+        except FedtuneError as e:
+            raise FedtuneError(f"task option '{key}' uses {e}, which task options do not allow") from None
         except yaml.YAMLError:
             value = raw
         out.setdefault(task, {})[opt] = value
@@ -81,14 +94,70 @@ def tasks_for(suite: str | None, tasks: str | None, run_cfg: Any) -> list[str]:
         return list(SUITES[suite])
     if tasks:
         names = [t.strip() for t in tasks.split(",") if t.strip()]
+        if not names:
+            raise FedtuneError(f"--tasks {tasks!r} names no task; e.g. --tasks gsm8k,mmlu")
         for t in names:
             if t not in TASKS:
                 raise unknown_name("evaluation task", t, TASKS)
+        twice = sorted({t for t in names if names.count(t) > 1})
+        if twice:
+            raise FedtuneError(f"--tasks lists {', '.join(twice)} more than once")
         return names
     preset = getattr(getattr(run_cfg, "data", None), "preset", None) if run_cfg is not None else None
     if preset in SUITES:
         return list(SUITES[preset])
     raise FedtuneError("say what to evaluate: --suite " + "|".join(SUITES) + ", or --tasks " + ",".join(TASKS))
+
+
+def stop_token_ids(template: Any, tokenizer: Any) -> list[int]:
+    """Token ids generation stops at besides EOS: the last id of the template's response
+    terminator (the chat format's end-of-turn token for ``chat``; EOS itself for the others)."""
+    if template is None or not hasattr(template, "end_ids"):
+        return []
+    try:
+        return template.end_ids(tokenizer)[-1:]
+    except FedtuneError:
+        return []
+
+
+def check_settings(settings: EvalSettings) -> None:
+    """The command line's own numbers and paths: one error each, before anything is loaded."""
+    if settings.limit is not None and (isinstance(settings.limit, bool) or settings.limit < 1):
+        raise FedtuneError(f"--limit must be a positive number of examples per task, got {settings.limit} "
+                           "(leave it out to evaluate every example)")
+    if not 1 <= settings.batch_size <= 1 << 16:
+        raise FedtuneError(f"--batch-size must be from 1 to 65536 sequences, got {settings.batch_size}")
+    if not 0 <= settings.seed < 2**63:
+        raise FedtuneError(f"--seed must be from 0 to 2^63-1, got {settings.seed}")
+    if settings.data_dir is not None and not Path(settings.data_dir).expanduser().is_dir():
+        what = "is a file, not a directory" if Path(settings.data_dir).expanduser().exists() else "does not exist"
+        raise FedtuneError(f"{settings.data_setting} {settings.data_dir} {what}; give the directory that holds "
+                           "the evaluation data (see docs/eval.md#data)")
+
+
+def check_output_dir(out_dir: Path, setting: str) -> None:
+    """Refuse, before any evaluation work, an output directory that cannot be written: one that is
+    a file, lies below a file, or sits on a read-only or otherwise unwritable file system (a file
+    is created and removed in the nearest existing directory, which nothing short of writing
+    proves). Nothing is created here."""
+    import tempfile
+
+    p = Path(out_dir).expanduser()
+    if p.exists() and not p.is_dir():
+        raise FedtuneError(f"{setting} {out_dir} is a file, not a directory; give a directory for the results")
+    probe = p
+    while not probe.exists():
+        if probe.parent == probe:
+            break
+        probe = probe.parent
+    if not probe.is_dir():
+        raise FedtuneError(f"{setting} {out_dir} lies below {probe}, which is a file, not a directory")
+    try:
+        with tempfile.TemporaryFile(dir=probe, prefix=".fedtune-write-test-"):
+            pass
+    except OSError as e:
+        raise FedtuneError(f"{setting} {out_dir} cannot be written ({probe}: {e.strerror or e}); give a writable "
+                           "directory") from None
 
 
 def evaluate_model(model: Any, tokenizer: Any, settings: EvalSettings, *, template: Any = None,
@@ -104,7 +173,7 @@ def evaluate_model(model: Any, tokenizer: Any, settings: EvalSettings, *, templa
     add_special = getattr(template, "add_special_tokens", True) if template is not None else True
     engine = Engine(model, tokenizer, device=device, batch_size=settings.batch_size,
                     max_batch_tokens=settings.max_batch_tokens, add_special_tokens=add_special,
-                    progress=settings.progress)
+                    progress=settings.progress, stop_token_ids=stop_token_ids(template, tokenizer))
     ctx = TaskContext(engine=engine, template=template, data_cfg=DataConfig(data_dir=settings.data_dir),
                       data_setting=settings.data_setting, run_cfg=run_cfg, limit=settings.limit,
                       seed=settings.seed, progress=settings.progress)
@@ -202,6 +271,7 @@ def run_eval(target: str, settings: EvalSettings, *, base: str | None = None, cl
         out_dir = resolved.run_dir / "eval"
     else:
         out_dir = Path("runs") / f"eval-{safe_name(Path(target).name or target)}"
+    check_output_dir(out_dir, "--out" if out else "the results directory (--out)")
     dev = resolve_device(device)
     cache = ModelCache(dtype=dtype, device=str(dev))
     report: dict[str, Any] = {
@@ -226,12 +296,24 @@ def run_eval(target: str, settings: EvalSettings, *, base: str | None = None, cl
                             "generated_tokens_per_s": stats.tokens_per_s, "scored_tokens": stats.scored_tokens,
                             "score_seconds": stats.score_seconds}}
         report["targets"].append(entry)
-        for name, r in res.items():
-            _write_samples(out_dir / "samples" / safe_name(t.label), name, r)
-    atomic_write_json(out_dir / "results.json", _jsonable(report))
+        try:
+            for name, r in res.items():
+                _write_samples(out_dir / "samples" / safe_name(t.label), name, r)
+        except OSError as e:
+            samples_error = e
+            break
+    else:
+        samples_error = None
     md = markdown(_jsonable(report))
-    atomic_write_text(out_dir / "results.md", md)
-    echo("\n" + md)
+    echo("\n" + md)  # first, so a failed write below loses nothing a person can read
+    try:
+        if samples_error is not None:
+            raise samples_error
+        atomic_write_json(out_dir / "results.json", _jsonable(report))
+        atomic_write_text(out_dir / "results.md", md)
+    except OSError as e:
+        raise FedtuneError(f"could not write the results to {out_dir}: {e.strerror or e} ({e.filename or out_dir})"
+                           + ("; the tables are printed above" if verbose else "")) from None
     echo(f"written: {out_dir}/results.json, results.md, samples/")
     return report
 
@@ -259,6 +341,7 @@ def main(args: Any) -> None:
     """Entry point of the ``fedtune eval`` subcommand (arguments defined in :mod:`fedtune.cli`)."""
     settings = EvalSettings(tasks=[], limit=args.limit, seed=args.seed, options=parse_task_options(args.options),
                             batch_size=args.batch_size, data_dir=args.data_dir, progress=not args.quiet)
+    check_settings(settings)
     run_eval(args.target, settings, base=args.base, clients=not args.no_clients, compare_base=args.compare_base,
              out=args.out, dtype=args.dtype, device=args.device, suite=args.suite, tasks=args.tasks,
              verbose=True, command="fedtune eval " + " ".join(sys.argv[2:]))

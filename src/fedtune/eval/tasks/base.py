@@ -15,6 +15,7 @@ Adding a task is one file with one such class, one ``register_task`` line, and o
 from __future__ import annotations
 
 import dataclasses
+import math
 import random
 import time
 from collections.abc import Sequence
@@ -97,6 +98,8 @@ class Task:
     description: ClassVar[str] = ""
     #: examples evaluated when no ``--limit`` is given (``None``: all).
     default_limit: ClassVar[int | None] = None
+    #: inclusive bounds of this task's numeric options, on top of :data:`COMMON_BOUNDS`.
+    bounds: ClassVar[dict[str, tuple[float, float]]] = {}
 
     def __post_init__(self) -> None:
         """Check the options generation tasks share, when the task is configured: a bad value is
@@ -111,6 +114,10 @@ class Task:
             raise FedtuneError(f"{where}max_new_tokens' must be at least 1, got {opts['max_new_tokens']}")
         if opts.get("prompt", "raw") not in ("raw", "template"):
             raise FedtuneError(f"{where}prompt' must be 'raw' or 'template', got {opts['prompt']!r}")
+        for key, (lo, hi) in {**COMMON_BOUNDS, **self.bounds}.items():
+            v = opts.get(key)
+            if isinstance(v, (int, float)) and not isinstance(v, bool) and not lo <= v <= hi:
+                raise FedtuneError(f"{where}{key}' must be from {lo:,.10g} to {hi:,.10g}, got {v!r}")
 
     # ---- what subclasses implement ------------------------------------------------------
     def examples(self, ctx: TaskContext) -> list[dict[str, Any]]:
@@ -183,11 +190,21 @@ class Task:
             if isinstance(default, (int, float)) and not isinstance(default, bool):
                 if not isinstance(value, (int, float)) or isinstance(value, bool):
                     raise FedtuneError(f"option '{cls.name}.{key}' must be a number, got {value!r}")
-                value = type(default)(value) if isinstance(default, float) or value == int(value) else value
+                if not math.isfinite(value):
+                    raise FedtuneError(f"option '{cls.name}.{key}' must be a finite number, got {value!r}")
+                if isinstance(default, int) and value != int(value):
+                    raise FedtuneError(f"option '{cls.name}.{key}' must be a whole number, got {value!r}")
+                value = type(default)(value)
             if isinstance(default, tuple) and isinstance(value, list):
                 value = tuple(value)
             kwargs[key] = value
         return cls(**kwargs)
+
+
+#: bounds every task's options of these names obey (a typo such as max_new_tokens=1e9 is one
+#: error, not an hour of generation or an allocation failure).
+COMMON_BOUNDS: dict[str, tuple[float, float]] = {
+    "max_new_tokens": (1, 1 << 20), "shots": (0, 1000), "batch_size": (1, 1 << 16), "temperature": (0, 1000)}
 
 
 TASKS: dict[str, type[Task]] = {}

@@ -99,6 +99,8 @@ class GSM8K(Task):
     metric = "accuracy"
     description = "GSM8K-test (1,319 problems), 8-shot chain of thought, exact numeric answer"
 
+    bounds = {"shots": (0, len(EXEMPLARS))}  # Wei et al. publish 8 exemplars
+
     shots: int = 8
     max_new_tokens: int = 256
     temperature: float = 0.0

@@ -30,6 +30,13 @@ class HeldOut(Task):
     data: str = ""
     batch_size: int = 8
 
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.split not in ("train", "val", "test"):
+            raise FedtuneError(f"option 'heldout.split' must be train, val or test, got {self.split!r}")
+        if not isinstance(self.data, str):
+            raise FedtuneError(f"option 'heldout.data' must be a preset name or a YAML file, got {self.data!r}")
+
     def run(self, ctx: TaskContext) -> TaskResult:
         from fedtune.config import load_config
         from fedtune.data import build_federated_data, tokenize_records

@@ -11,6 +11,7 @@ import dataclasses
 import time
 from dataclasses import dataclass
 
+from fedtune.errors import FedtuneError, unknown_name
 from fedtune.eval.tasks.base import Task, TaskContext, TaskResult, get_task, register_task
 
 PARTS = ("mmlu", "nq-open-book", "openbookqa", "imdb")
@@ -25,6 +26,19 @@ class HELMMini(Task):
     default_limit = 100
 
     parts: tuple[str, ...] = PARTS
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        parts = (self.parts,) if isinstance(self.parts, str) else self.parts  # helm-mini.parts=mmlu
+        if not isinstance(parts, (tuple, list)) or not parts or not all(isinstance(p, str) for p in parts):
+            raise FedtuneError(f"option 'helm-mini.parts' must be a list of parts from {', '.join(PARTS)}, "
+                               f"e.g. helm-mini.parts=[mmlu,imdb]; got {self.parts!r}")
+        for p in parts:
+            if p not in PARTS:
+                raise unknown_name("helm-mini part", p, PARTS)
+        if len(set(parts)) != len(parts):
+            raise FedtuneError(f"option 'helm-mini.parts' lists a part twice: {list(parts)}")
+        self.parts = tuple(parts)
 
     def run(self, ctx: TaskContext) -> TaskResult:
         t0 = time.perf_counter()

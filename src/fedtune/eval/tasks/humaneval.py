@@ -2,8 +2,9 @@
 
 Prompt: the problem's code (signature + docstring) as is (``prompt=raw``, as FS-LLM and the
 Codex paper do), or wrapped in the adapter's training template (``prompt=template``). The
-completion is cut at the Codex stop sequences; each program (prompt + completion + tests) runs in
-:mod:`fedtune.eval.sandbox`, so loops, crashes, exits and fork bombs are failures with a reason.
+completion is cut at the Codex stop sequences; each program (prompt + completion) runs isolated in
+:mod:`fedtune.eval.sandbox` and is called by the problem's tests, which run in a separate trusted
+process: loops, crashes, exits, fork bombs and attempts to fake a pass are failures with a reason.
 
 pass@k uses the unbiased estimator ``1 - C(n-c, k) / C(n, k)`` over ``n`` samples per problem
 (``n=1`` with greedy decoding gives greedy pass@1, the paper's headline; FS-LLM samples 5 at
@@ -20,6 +21,7 @@ from typing import Any
 
 from fedtune.errors import FedtuneError
 from fedtune.eval.engine import GenRequest
+from fedtune.eval.sandbox import MODES, Program
 from fedtune.eval.tasks.base import Task, TaskContext, register_task, wrap_prompt
 from fedtune.utils import derive_seed
 
@@ -40,8 +42,9 @@ def extract_code(text: str) -> str:
     return m.group(1) if m else text
 
 
-def program(problem: dict[str, Any], completion: str, templated: bool = False) -> str:
-    """The program that is executed: prompt + completion, the tests, and the check call."""
+def program(problem: dict[str, Any], completion: str, templated: bool = False) -> Program:
+    """The check of one completion: the program (prompt + completion, untrusted) and the harness
+    (the prompt, for its imports and helpers, then the problem's tests, trusted)."""
     body = problem["prompt"] + completion
     if templated:
         code = extract_code(completion)
@@ -54,7 +57,8 @@ def program(problem: dict[str, Any], completion: str, templated: bool = False) -
             body = f"{problem['prompt']}\n{code}"
         else:
             body = problem["prompt"] + code
-    return f"{body}\n\n{problem['test']}\n\ncheck({problem['entry_point']})\n"
+    return Program(code=body + "\n", harness=f"{problem['prompt']}\n\n{problem['test']}\n",
+                   entry_point=problem["entry_point"])
 
 
 @dataclass
@@ -76,11 +80,15 @@ class HumanEval(Task):
     #: seconds and MiB per program.
     timeout: float = 5.0
     memory_mb: int = 1024
+    #: ``require``: isolate every program (namespaces, unprivileged uid; see docs/eval.md) or refuse
+    #: to run; ``best-effort``: isolate where the machine allows, else resource limits only (NOT a
+    #: security boundary) with a warning.
+    sandbox: str = "require"
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        if not isinstance(self.n, int) or self.n < 1:
-            raise FedtuneError(f"option 'humaneval.n' (samples per problem) must be at least 1, got {self.n!r}")
+        if not isinstance(self.n, int) or not 1 <= self.n <= 100_000:
+            raise FedtuneError(f"option 'humaneval.n' (samples per problem) must be from 1 to 100000, got {self.n!r}")
         ks = (self.ks,) if isinstance(self.ks, int) else self.ks  # humaneval.ks=10 means [10]
         if (not isinstance(ks, (tuple, list)) or not ks
                 or any(isinstance(k, bool) or not isinstance(k, int) or k < 1 for k in ks)):
@@ -95,8 +103,17 @@ class HumanEval(Task):
         if self.n > 1 and self.temperature <= 0:
             raise FedtuneError(f"humaneval.n={self.n} with humaneval.temperature=0 (greedy) generates {self.n} "
                                "identical completions; set humaneval.temperature (e.g. 0.8) to sample, or n=1")
-        if self.timeout <= 0 or self.memory_mb < 1:
-            raise FedtuneError("options 'humaneval.timeout' (seconds) and 'humaneval.memory_mb' must be positive")
+        if (isinstance(self.timeout, bool) or not isinstance(self.timeout, (int, float)) or not 0 < self.timeout <= 3600
+                or isinstance(self.memory_mb, bool) or not isinstance(self.memory_mb, int)
+                or not 64 <= self.memory_mb <= 1 << 20):
+            raise FedtuneError(f"options 'humaneval.timeout' (seconds, at most 3600) and 'humaneval.memory_mb' "
+                               f"(whole MiB, 64 to 1048576) must be positive numbers; got timeout={self.timeout!r}, "
+                               f"memory_mb={self.memory_mb!r}")
+        if self.sandbox not in MODES:
+            raise FedtuneError(f"option 'humaneval.sandbox' must be one of {', '.join(MODES)}, got {self.sandbox!r}")
+        from fedtune.eval.sandbox import resolve_isolation
+
+        resolve_isolation(self.sandbox)  # refuses here, before any model is loaded, if it cannot isolate
         # the headline: pass@1 when asked for, else the smallest k reported
         self.metric = f"pass@{reported[0]}"  # type: ignore[misc]
 
@@ -120,7 +137,7 @@ class HumanEval(Task):
 
         progs = [program(ex, g.text, self.prompt == "template") for ex, gens in zip(exs, outputs) for g in gens]
         results = run_programs(progs, timeout=self.timeout, memory_mb=self.memory_mb, progress=ctx.progress,
-                               desc="humaneval tests")
+                               desc="humaneval tests", sandbox=self.sandbox)
         records, k = [], 0
         for ex, gens in zip(exs, outputs):
             res = results[k : k + len(gens)]

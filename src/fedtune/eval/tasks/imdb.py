@@ -12,6 +12,7 @@ import random
 from dataclasses import dataclass
 from typing import Any
 
+from fedtune.errors import FedtuneError
 from fedtune.eval.tasks.base import Task, TaskContext, register_task
 
 LABELS = ("positive", "negative")
@@ -28,6 +29,8 @@ class IMDB(Task):
     metric = "accuracy"
     description = "IMDB sentiment (100-review sample), k-shot, label by log-probability"
 
+    bounds = {"shots": (0, 50)}  # alternating labels from a 100-review sample
+
     shots: int = 5
 
     def examples(self, ctx: TaskContext) -> list[dict[str, Any]]:
@@ -38,7 +41,12 @@ class IMDB(Task):
         pools = {lab: [r for r in rows if r["label"] == lab] for lab in LABELS}
         for p in pools.values():
             rng.shuffle(p)
-        shots = [pools[LABELS[i % 2]][i // 2] for i in range(min(self.shots, len(rows) - 1))]
+        want = min(self.shots, len(rows) - 1)
+        short = [lab for k, lab in enumerate(LABELS) if len(pools[lab]) < (want - k + 1) // 2]
+        if short:
+            raise FedtuneError(f"imdb.shots={self.shots} needs {(want + 1) // 2} '{short[0]}' reviews for its in-context "
+                               f"examples, the sample has {len(pools[short[0]])}; lower imdb.shots")
+        shots = [pools[LABELS[i % 2]][i // 2] for i in range(want)]
         self._demo = "".join(f"Passage: {_passage(r['text'])}\nSentiment: {r['label'].capitalize()}\n\n" for r in shots)
         used = {id(r) for r in shots}
         return [r for r in rows if id(r) not in used]

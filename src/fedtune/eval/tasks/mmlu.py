@@ -33,6 +33,8 @@ class MMLU(Task):
     metric = "accuracy"
     description = "MMLU: 57 subjects, 5-shot from dev, letter chosen by next-token log-probability"
 
+    bounds = {"shots": (0, 5)}  # each subject's dev split holds 5 questions
+
     shots: int = 5
 
     def examples(self, ctx: TaskContext) -> list[dict[str, Any]]:

@@ -49,6 +49,8 @@ class NQOpenBook(Task):
     metric = "f1"
     description = "NaturalQuestions open-book (gold passage), token F1"
 
+    bounds = {"shots": (0, 20)}  # each shot is a whole Wikipedia passage
+
     shots: int = 1
     max_new_tokens: int = 32
     prompt: str = "raw"
