@@ -29,6 +29,7 @@ def _parser() -> argparse.ArgumentParser:
     r.add_argument("overrides", nargs="*", help="dotted overrides, e.g. train.lr=3e-4 fl.rounds=5")
     r.add_argument("--resume", metavar="RUN_DIR", help="continue the run in RUN_DIR from its last checkpoint")
     r.add_argument("-q", "--quiet", action="store_true", help="no per-round tables")
+    r.add_argument("-v", "--verbose", action="store_true", help="show library warnings too (else only in RUN_DIR/run.log)")
     r.set_defaults(intermixed=r)
     d = sub.add_parser("data", help="inspect federated datasets")
     dsub = d.add_subparsers(dest="data_command", required=True)
@@ -232,7 +233,12 @@ def main(argv: list[str] | None = None) -> int:
         vars(args).update(vars(sub.parse_intermixed_args(argv[words:])))
     elif extra:
         parser.error("unrecognized arguments: " + " ".join(extra))
-    logging.basicConfig(level=os.environ.get("FEDTUNE_LOG", "WARNING"), format="%(levelname)s %(name)s: %(message)s")
+    if args.command == "deploy":  # Flower's processes keep their own logging
+        logging.basicConfig(level=os.environ.get("FEDTUNE_LOG", "WARNING"), format="%(levelname)s %(name)s: %(message)s")
+    else:  # library warnings to the run's log file, not the terminal (fedtune.logs)
+        from fedtune.logs import setup_logging
+
+        setup_logging(verbose=getattr(args, "verbose", False))
     try:
         if args.command == "run":
             from fedtune.config import load_config
