@@ -307,6 +307,11 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("interrupted" + ("; resume with --resume RUN_DIR" if args.command == "run" else ""), file=sys.stderr)
         return 130
+    finally:
+        if args.command != "deploy":  # leave the process's logging as it was (main may be called again)
+            from fedtune.logs import teardown_logging
+
+            teardown_logging()
     return 0
 
 
