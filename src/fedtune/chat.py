@@ -57,8 +57,8 @@ from fedtune.errors import FedtuneError
 log = logging.getLogger(__name__)
 
 #: Alpaca-format answers end at the EOS token when the adapter learned to stop; a model that
-#: goes on writing the next Alpaca section is cut there.
-ALPACA_STOPS = ("### Instruction:", "### Input:", "### Response:", "\n### ")
+#: goes on writing the next Alpaca section, or the next turn of the folded history, is cut there.
+ALPACA_STOPS = ("### Instruction:", "### Input:", "### Response:", "\n### ", "\nUser:", "\nAssistant:")
 #: interactive history limit (turns) when ``--history`` is not given; one-shot mode: 0.
 DEFAULT_HISTORY = 3
 
@@ -161,8 +161,7 @@ def _held_back(text: str, stops: tuple[str, ...]) -> int:
             if text.endswith(s[:k]):
                 n = k
                 break
-    tail = len(text) - len(text.rstrip("\ufffd"))
-    return max(n, tail)
+    return max(n, len(text) - len(text.rstrip("\ufffd")))
 
 
 class StreamPrinter:
@@ -214,7 +213,8 @@ class StreamPrinter:
             self._emit(self.text)
             return
         self.text = text
-        self._emit(text[: len(text) - _held_back(text, self.stops)])
+        # blank space is printed with what follows it: an answer never ends in printed blank space
+        self._emit(text[: len(text) - _held_back(text, self.stops)].rstrip())
 
     def end(self) -> None:
         if not self.stopped:
@@ -456,6 +456,8 @@ class ChatSession:
                          interrupt=self.interrupt)
         if a.finish == "interrupted":
             self._write(" [stopped]")
+        elif not a.text and a.finish == "eos":
+            self._write("(no answer: the model ended it at once)")
         return a
 
 

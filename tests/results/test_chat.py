@@ -49,6 +49,11 @@ def test_streamer_never_prints_a_stop_string_or_what_follows():
     # text is printed as it comes: "Hel" before "lo" arrives, and the "\n" is held until "##" shows
     # it starts a stop string
     assert chunks[:2] == ["Hel", "lo"]
+    # the folded history's next turn is cut too, and the blank space before an end is never printed
+    s, chunks = _stream(["P", "Yes.", "\n", "\n", "User", ": more?"], ALPACA_STOPS)
+    assert "".join(chunks) == "Yes." == s.text and s.stopped
+    s, chunks = _stream(["P", "Done", " \n\n"], ALPACA_STOPS)
+    assert "".join(chunks) == "Done" == s.text and not s.stopped
 
 
 def test_streamer_holds_a_half_decoded_character_and_a_possible_stop():
