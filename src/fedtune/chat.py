@@ -40,6 +40,7 @@ the conversation, the options and the seed; temperature 0 is greedy.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import logging
 import signal
@@ -412,47 +413,56 @@ class ChatSession:
         self.limit = _context_limit(model)
         self.truncated = 0  # prompts cut from the left to fit the context
 
-    def prompt_ids(self, message: str) -> list[int]:
-        """The prompt's tokens; the oldest turns are dropped (then the prompt cut from the left) when
-        the prompt and ``max_new_tokens`` would not fit the model's context."""
+    def prompt_ids(self, message: str) -> tuple[list[int], int]:
+        """The prompt's tokens and the answer's token budget, within the model's context: the oldest
+        turns are dropped first; then the budget shrinks to what the context leaves (at least a
+        quarter of it); only a prompt longer than the rest is cut, from the left."""
         turns = list(self.history.turns)
+        budget = self.opts.max_new_tokens
         while True:
             text = build_prompt(self.template, self.tok, message, turns, self.system)
             ids = list(self.tok(text, add_special_tokens=self.add_special)["input_ids"])
-            if self.limit is None or len(ids) + self.opts.max_new_tokens <= self.limit:
-                return ids
+            if self.limit is None or len(ids) + budget <= self.limit:
+                return ids, budget
             if not turns:
-                keep = max(1, self.limit - self.opts.max_new_tokens)
-                self.truncated += 1
-                log.warning("the prompt (%d tokens) and --max-new-tokens %d exceed the model's context (%d): "
-                            "keeping the prompt's last %d tokens", len(ids), self.opts.max_new_tokens,
-                            self.limit, keep)
-                return ids[-keep:]
+                break
             turns.pop(0)
+        budget = min(budget, max(self.limit - len(ids), self.limit // 4))
+        keep = self.limit - budget
+        if len(ids) > keep:
+            self.truncated += 1
+            log.warning("the prompt (%d tokens) does not fit the model's context (%d) with a %d-token answer: "
+                        "keeping its last %d tokens", len(ids), self.limit, budget, keep)
+            ids = ids[-keep:]
+        elif budget < self.opts.max_new_tokens:
+            log.warning("--max-new-tokens %d does not fit the model's context (%d) after this %d-token prompt: "
+                        "the answer gets at most %d tokens", self.opts.max_new_tokens, self.limit, len(ids), budget)
+        return ids, budget
 
     def _write(self, s: str) -> None:
         if self.out is not None:
             self.out(s)
 
     def ask(self, message: str) -> Reply:
-        ids = self.prompt_ids(message)
+        ids, budget = self.prompt_ids(message)
+        opts = dataclasses.replace(self.opts, max_new_tokens=budget)
         if self.compare_base:
             self._write("[adapter] ")
-        answer = self._generate(self.model, ids)
+        answer = self._generate(self.model, ids, opts)
         self._write("\n")
         base = None
         if self.compare_base:
             self._write("[base]    ")
             with self.model.disable_adapter():
-                base = self._generate(self.model.get_base_model(), ids)
+                base = self._generate(self.model.get_base_model(), ids, opts)
             self._write("\n")
         self.history.add(message, answer.text)
         return Reply(message, answer, base)
 
-    def _generate(self, model: Any, ids: list[int]) -> Answer:
+    def _generate(self, model: Any, ids: list[int], opts: GenOptions) -> Answer:
         ctx = self.interrupt.armed() if self.interrupt is not None else contextlib.nullcontext()
         with ctx:
-            a = generate(model, self.tok, ids, self.opts, stops=self.stops, write=self._write,
+            a = generate(model, self.tok, ids, opts, stops=self.stops, write=self._write,
                          interrupt=self.interrupt)
         if a.finish == "interrupted":
             self._write(" [stopped]")

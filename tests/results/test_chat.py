@@ -96,6 +96,28 @@ def test_chat_template_history_is_real_turns():
     assert got == want and got.index("Name a fruit") < got.index("Apple.") < got.index("And another?")
 
 
+def test_prompt_and_answer_fit_the_context():
+    """Oldest turns go first; then the answer's budget shrinks to what the context leaves."""
+    from types import SimpleNamespace
+
+    from fedtune.chat import ChatSession
+    from fedtune.config import ModelConfig
+    from fedtune.models import load_tokenizer
+
+    tok = load_tokenizer(ModelConfig(name="tiny-llama"))
+    model = SimpleNamespace(config=SimpleNamespace(max_position_embeddings=200))
+    s = ChatSession(model, tok, get_template("alpaca"), opts=GenOptions(max_new_tokens=60), history=3)
+    s.history.add("first " * 120, "old answer")
+    s.history.add("second", "recent answer")
+    ids, budget = s.prompt_ids("now?")
+    text = tok.decode(ids)
+    assert budget == 60 and len(ids) + 60 <= 200
+    assert "recent answer" in text and "old answer" not in text and "now?" in text
+    s.opts = GenOptions(max_new_tokens=500)
+    ids, budget = s.prompt_ids("now?")
+    assert "recent answer" not in tok.decode(ids) and len(ids) + budget == 200 and budget < 500
+
+
 @pytest.mark.parametrize("method", ["lora", "prefix", "p_tuning", "prompt_tuning"])
 def test_decoder_continues_exactly_what_peft_forward_computes(method, make_adapter):
     """The cached loop's next-token logits equal peft's full forward pass over the whole sequence at
@@ -219,3 +241,55 @@ def test_chat_on_a_run_directory_and_bad_input(tiny_runs, make_adapter, capsys):
     assert rc == 2 and err.startswith("error:")
     rc, _, err = _chat(capsys, make_adapter("lora"), "--prompt", "x", "--top-p", "0")
     assert rc == 2 and "--top-p" in err
+
+
+def test_interactive_session_ctrl_c_stops_the_answer_and_ctrl_d_exits(make_adapter):
+    """A real terminal (a pty): Ctrl-C mid-answer prints [stopped] and gives a new prompt; /reset
+    works; Ctrl-D ends the session with status 0."""
+    import select
+    import subprocess
+    import sys
+    import time
+
+    pty = pytest.importorskip("pty")
+    main_fd, child_fd = pty.openpty()
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(p for p in sys.path if p))
+    def controlling_terminal():  # a new session whose terminal is the pty, so Ctrl-C becomes SIGINT
+        import fcntl
+        import termios
+
+        os.setsid()
+        fcntl.ioctl(0, termios.TIOCSCTTY, 0)
+
+    proc = subprocess.Popen([sys.executable, "-m", "fedtune.cli", "chat", str(make_adapter("lora")),
+                             "--max-new-tokens", "900"], stdin=child_fd, stdout=child_fd, stderr=child_fd,
+                            env=env, preexec_fn=controlling_terminal)
+    os.close(child_fd)
+    buf = b""
+
+    def until(pattern, timeout=240):
+        nonlocal buf
+        end = time.time() + timeout
+        while pattern not in buf and time.time() < end:
+            if select.select([main_fd], [], [], 0.2)[0]:
+                try:
+                    buf += os.read(main_fd, 4096)
+                except OSError:
+                    break
+        return pattern in buf
+
+    try:
+        assert until(b">>> "), buf
+        os.write(main_fd, b"Tell me a long story.\r")
+        time.sleep(1.0)
+        os.write(main_fd, b"\x03")  # Ctrl-C: the terminal sends SIGINT to the session
+        assert until(b"[stopped]"), buf
+        assert until(b"\r\n\r\n>>> ", 60), buf
+        os.write(main_fd, b"/reset\r")
+        assert until(b"(conversation forgotten)", 60), buf
+        os.write(main_fd, b"\x04")  # Ctrl-D
+        assert proc.wait(timeout=60) == 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        os.close(main_fd)
