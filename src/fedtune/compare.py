@@ -41,7 +41,8 @@ log = logging.getLogger(__name__)
 #: round-row keys that are bookkeeping, shown in the standard rows or meaningless as a final value.
 _BOOKKEEPING = {"round", "kind", "client", "clients", "rejected", "train_tokens", "tokens_per_s", "skipped_nonfinite",
                 "bytes_down", "bytes_up", "eval_bytes_down", "eval_bytes_up", "seconds", "peak_rss_mb",
-                "gpu_peak_mb", "task_eval_seconds", "lr", "steps", "step_seconds", "train_label_tokens"}
+                "gpu_peak_mb", "task_eval_seconds", "lr", "steps", "step_seconds", "train_label_tokens",
+                "up_rel_error"}
 
 #: (row label, metrics.jsonl key, format) of the standard metric rows, in table order.
 STANDARD: list[tuple[str, str, str]] = [
@@ -133,7 +134,9 @@ class RunRecord:
         return {k for r in self.round_rows for k, v in r.items() if _num(v) is not None}
 
     def clients(self) -> list[str]:
-        return sorted({str(r["client"]) for r in self.client_rows if r.get("client") is not None})
+        """The clients with held-out metrics (a ``global`` run's single training client has none)."""
+        return sorted({str(r["client"]) for r in self.client_rows if r.get("client") is not None
+                       and any(_is_quality(k) and _num(v) is not None for k, v in r.items())})
 
     def client_final(self, client: str, key: str) -> float | None:
         for r in reversed(self.client_rows):

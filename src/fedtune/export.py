@@ -108,7 +108,8 @@ def _merge(t: Any, dtype: str, tmp: Path) -> dict[str, Any]:
     merged = pm.merge_and_unload()
     merged.to(getattr(torch, dtype))
     cfg = merged.config
-    for attr in ("fedtune_name", "quantization_config"):  # fedtune's own marker; no quantisation remains
+    # fedtune's own marker; no quantisation remains; the GGUF file's "general.name" is no HF key
+    for attr in ("fedtune_name", "quantization_config", "_model_name_or_path"):
         if hasattr(cfg, attr):
             delattr(cfg, attr)
     cfg.dtype = getattr(torch, dtype)
@@ -167,7 +168,8 @@ def model_card(*, t: Any, merged: bool, dtype: str, template: dict[str, Any] | N
     rows: list[tuple[str, str]] = [("base model", f"`{base}`" + (f" ({hub})" if hub else ""))]
     if flat:
         data = flat.get("data.preset") or flat.get("data.source")
-        rows += [("data", f"{data}; {flat.get('data.num_clients') or 'preset'} clients"
+        n_clients = len(rec.clients()) if rec is not None and rec.clients() else flat.get("data.num_clients")
+        rows += [("data", (f"{data}; {n_clients} clients" if n_clients else f"{data}")
                   + (f", splitter {flat.get('data.splitter')}" if flat.get("data.splitter") else "")
                   + (f", at most {flat.get('data.max_records_per_client')} records per client"
                      if flat.get("data.max_records_per_client") else "")
@@ -318,6 +320,8 @@ def export(target: str, out: str | Path, *, merged: bool = False, dtype: str | N
             "kind": "merged" if merged else "adapter", "dtype": dtype_out, "source": str(t.path),
             "base_model": t.model, "peft_type": kind, "run_dir": str(resolved.run_dir) if resolved.run_dir else None,
             "created": time.strftime("%Y-%m-%d %H:%M:%S"), "command": command, **info}, indent=2))
+        for f in tmp.iterdir():  # some writers (safetensors, atomic copies) leave files private
+            f.chmod(0o666 & ~umask)
         aside = None
         if out.exists():
             aside = out.with_name(f".{out.name}.replaced-{os.getpid()}")

@@ -67,6 +67,7 @@ def test_adapter_export_of_a_run_with_model_card(tiny_runs, tmp_path):
     assert {"adapter_config.json", "adapter_model.safetensors", "fedtune_template.json", "README.md",
             "fedtune_config.yaml", "fedtune_export.json"} <= names
     assert out.stat().st_mode & 0o055  # an ordinary directory, not mkdtemp's private one
+    assert all(f.stat().st_mode & 0o044 for f in out.iterdir())  # and files others can read
     base, _ = load_model(ModelConfig(name="tiny-llama"))
     PeftModel.from_pretrained(base, str(out))  # a normal PEFT adapter
     card = (out / "README.md").read_text()
