@@ -4,6 +4,9 @@
     fedtune data describe PRESET_OR_CONFIG [key.sub=value ...] [--out DIR]
     fedtune eval TARGET [--suite NAME | --tasks a,b] [--limit N] [task.option=value ...]
     fedtune deploy certs|superlink|register|supernode|submit|worker ...   (networked, on Flower)
+    fedtune chat TARGET [--prompt TEXT | --prompts FILE] [--compare-base] [--history N] ...
+    fedtune export TARGET --out DIR [--merged] [--dtype float32|bfloat16|float16] [--overwrite]
+    fedtune compare RUN_DIR RUN_DIR ... [--out DIR] [--per-client] [--markdown]
 
 User mistakes print one ``error:`` line (or a few for several invalid keys) and exit with 2;
 anything else is a bug and keeps its traceback.
@@ -29,6 +32,7 @@ def _parser() -> argparse.ArgumentParser:
     r.add_argument("overrides", nargs="*", help="dotted overrides, e.g. train.lr=3e-4 fl.rounds=5")
     r.add_argument("--resume", metavar="RUN_DIR", help="continue the run in RUN_DIR from its last checkpoint")
     r.add_argument("-q", "--quiet", action="store_true", help="no per-round tables")
+    r.add_argument("-v", "--verbose", action="store_true", help="show library warnings too (else only in RUN_DIR/run.log)")
     r.set_defaults(intermixed=r)
     d = sub.add_parser("data", help="inspect federated datasets")
     dsub = d.add_subparsers(dest="data_command", required=True)
@@ -40,7 +44,49 @@ def _parser() -> argparse.ArgumentParser:
     desc.set_defaults(intermixed=desc)
     _eval_parser(sub)
     _deploy_parser(sub)
+    _use_parsers(sub)
     return p
+
+
+def _use_parsers(sub) -> None:
+    """``chat``, ``export``, ``compare``: using what a run produced (README, "Using the results")."""
+    c = sub.add_parser("chat", help="talk to a run's adapter (or a model) in the prompt format it was trained with",
+                       description="Interactive chat (Ctrl-C stops an answer, Ctrl-D exits), or one answer per "
+                       "prompt with --prompt / --prompts / piped stdin.")
+    c.add_argument("target", help="a run directory, an adapter directory, RUN/adapters/<client>, a merged export, or a model")
+    c.add_argument("--prompt", action="append", default=None, help="answer this prompt and exit (repeatable)")
+    c.add_argument("--prompts", default=None, metavar="FILE", help="answer each line of FILE ('-': stdin) and exit")
+    c.add_argument("--history", type=int, default=None, metavar="N",
+                   help="earlier turns the model sees (default 3 interactive, 0 one-shot)")
+    c.add_argument("--max-new-tokens", type=int, default=256)
+    c.add_argument("--temperature", type=float, default=0.7, help="0 = greedy (default 0.7)")
+    c.add_argument("--top-p", type=float, default=0.9)
+    c.add_argument("--seed", type=int, default=0, help="sampling seed of every answer")
+    c.add_argument("--compare-base", action="store_true", help="also print the base model's answer (adapter off)")
+    c.add_argument("--system", default=None, help="system message (chat template; Alpaca: before the instruction)")
+    c.add_argument("--template", default=None, choices=["alpaca", "alpaca_no_input", "chat"],
+                   help="prompt format (default: the adapter's saved template)")
+    c.add_argument("--json", action="store_true", help="one-shot: one JSON object per answer instead of text")
+    c.add_argument("--base", default=None, help="base model for the adapter (default: the one it records)")
+    c.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    c.add_argument("--device", default="auto")
+    c.add_argument("-v", "--verbose", action="store_true", help="show library warnings")
+    x = sub.add_parser("export", help="a run's adapter, or a merged model that loads without peft, with a model card")
+    x.add_argument("target", help="a run directory, an adapter directory or RUN/adapters/<client>")
+    x.add_argument("--out", required=True, help="directory to create (must not exist, unless --overwrite)")
+    x.add_argument("--merged", action="store_true", help="fold the LoRA adapter into the base weights (plain HF model)")
+    x.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"],
+                   help="dtype of the exported weights (merged: default float32; adapter: as saved)")
+    x.add_argument("--overwrite", action="store_true", help="replace an earlier export in --out")
+    x.add_argument("--base", default=None, help="base model for the adapter (default: the one it records)")
+    x.add_argument("-v", "--verbose", action="store_true", help="show library warnings")
+    m = sub.add_parser("compare", help="runs side by side: one table, one loss-curve plot, markdown")
+    m.add_argument("runs", nargs="+", metavar="RUN_DIR", help="two or more run directories")
+    m.add_argument("--out", default=None, help="directory for compare.md/png/json (default runs/compare-<runs>)")
+    m.add_argument("--per-client", action="store_true", help="per-client curves and a per-client table too")
+    m.add_argument("--markdown", action="store_true", help="print the markdown table instead of the text table")
+    m.add_argument("--labels", default=None, help="comma-separated names for the runs (default: directory names)")
+    m.add_argument("-v", "--verbose", action="store_true", help="show library warnings")
 
 
 def _eval_parser(sub) -> None:
@@ -239,7 +285,12 @@ def main(argv: list[str] | None = None) -> int:
         vars(args).update(vars(sub.parse_intermixed_args(argv[words:])))
     elif extra:
         parser.error("unrecognized arguments: " + " ".join(extra))
-    logging.basicConfig(level=os.environ.get("FEDTUNE_LOG", "WARNING"), format="%(levelname)s %(name)s: %(message)s")
+    if args.command == "deploy":  # Flower's processes keep their own logging
+        logging.basicConfig(level=os.environ.get("FEDTUNE_LOG", "WARNING"), format="%(levelname)s %(name)s: %(message)s")
+    else:  # library warnings to the run's log file, not the terminal (fedtune.logs)
+        from fedtune.logs import setup_logging
+
+        setup_logging(verbose=getattr(args, "verbose", False))
     try:
         if args.command == "run":
             from fedtune.config import load_config
@@ -255,15 +306,24 @@ def main(argv: list[str] | None = None) -> int:
             _eval(args)
         elif args.command == "deploy":
             return _deploy(args)
+        elif args.command in ("chat", "export", "compare"):
+            import importlib
+
+            return importlib.import_module(f"fedtune.{args.command}").main(args)
     except FedtuneError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt as e:
         from fedtune.rundir_lock import Terminated
 
-        print(f"{'terminated' if isinstance(e, Terminated) else 'interrupted'}; resume with --resume RUN_DIR",
-              file=sys.stderr)
+        hint = "; resume with --resume RUN_DIR" if args.command == "run" else ""
+        print(f"{'terminated' if isinstance(e, Terminated) else 'interrupted'}{hint}", file=sys.stderr)
         return 143 if isinstance(e, Terminated) else 130
+    finally:
+        if args.command != "deploy":  # leave the process's logging as it was (main may be called again)
+            from fedtune.logs import teardown_logging
+
+            teardown_logging()
     return 0
 
 

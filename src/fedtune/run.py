@@ -25,6 +25,7 @@ from fedtune.checkpoint import find_resumable_checkpoint, load_checkpoint, resto
 from fedtune.client import ClientRuntime, FedClient
 from fedtune.config import Config, config_from_dict, load_saved_config, save_config
 from fedtune.errors import FedtuneError
+from fedtune.logs import attach_log_file
 from fedtune.metrics import MetricsLogger
 from fedtune.models import load_model
 from fedtune.outcome import check_training_happened, disk_errors
@@ -432,6 +433,7 @@ def run(cfg: Config, resume: Path | str | None = None, *, verbose: bool = True) 
             cluster = join_cluster(b.rt, 0, cfg, addr)
         with rd.setting_up(cfg):
             server, logger, start = _setup_server(cfg, b, rd.path, resume, echo, verbose, task_eval)
+        attach_log_file(rd.path / "run.log")  # library warnings so far and from now on (fedtune.logs)
         with disk_errors(rd.path):
             server.run(start_round=start)
             return finish_run(cfg, logger, rd.path, len(b.train_clients), t_start, echo,

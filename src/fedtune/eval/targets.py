@@ -52,6 +52,9 @@ class Target:
     #: the adapter directory (kind ``adapter``).
     path: Path | None = None
     meta: dict[str, Any] = field(default_factory=dict)
+    #: a LoRA adapter on an fp32 base is merged into the weights while open (fastest); False keeps it
+    #: unmerged, so ``disable_adapter()`` gives the base model exactly (``fedtune chat --compare-base``).
+    merge: bool = True
 
 
 @dataclass
@@ -139,6 +142,20 @@ def resolve_targets(target: str, *, base: str | None = None, clients: bool = Tru
     if compare_base:
         out.insert(0, Target("base", "base", out[0].model))
     return Resolved(out, run_cfg, run_dir)
+
+
+def pick_one(resolved: Resolved, target: str) -> Target:
+    """The one target a command that needs a single model (``fedtune chat``, ``fedtune export``)
+    works on: a run directory's global adapter, else the only target; a folder of client adapters
+    (a ``local`` run) is an error that names them."""
+    ts = resolved.targets
+    glob = [t for t in ts if t.label == "adapter"]
+    if len(ts) == 1 or glob:
+        return glob[0] if glob else ts[0]
+    names = [t.label.split(":", 1)[-1] for t in ts]
+    where = resolved.run_dir / "adapters" if resolved.run_dir is not None else Path(target)
+    raise FedtuneError(f"{target} holds {len(ts)} client adapters ({', '.join(names[:8])}{', ...' if len(ts) > 8 else ''})"
+                       f" and no global adapter (a 'local' scenario run): pick one, e.g. {where / names[0]}")
 
 
 # ---- opening ---------------------------------------------------------------------------------
@@ -266,7 +283,7 @@ def _open_adapter(t: Target, cache: ModelCache) -> Iterator[tuple[Any, Any, Any]
     # put back. In bf16/fp16 the adapter is not merged at all: W + D rounded to 8 or 11 bits loses
     # most of a small D, so the merged model would not be the trained one; unmerged, peft adds the
     # adapter's output computed in fp32.
-    merge = lora and not any(p.dtype in (torch.float16, torch.bfloat16) for p in base.parameters())
+    merge = t.merge and lora and not any(p.dtype in (torch.float16, torch.bfloat16) for p in base.parameters())
     pristine: list[tuple[Any, Any]] = []  # (parameter, its copy)
     try:
         check_base(t.path, t.meta, pm, t.model)
