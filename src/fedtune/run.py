@@ -272,8 +272,17 @@ def start_run(cfg: Config, resume: Path | str | None) -> Path:
     return rd.path
 
 
-def run(cfg: Config, resume: Path | str | None = None, *, verbose: bool = True) -> RunResult:
-    """Run (or resume) the federated fine-tuning described by ``cfg``."""
+def run(cfg: Config, resume: Path | str | None = None, *, verbose: bool = True, base=None,
+        on_round_end=None) -> RunResult:
+    """Run (or resume) the federated fine-tuning described by ``cfg``.
+
+    ``base``: an already loaded ``(model, tokenizer)`` of ``cfg.model`` to use instead of loading
+    it (``fedtune hpo`` runs many trials on one); the run attaches its adapter to it and takes the
+    adapter off again on every exit path, so the model is handed back as it was lent.
+    ``on_round_end(round, row)``: called after each round's row is logged and its checkpoint (if
+    due) written; whatever it raises (``optuna.TrialPruned``) ends the run there, with the metrics
+    logger closed.
+    """
     t_start = time.perf_counter()
     echo = (lambda s: print(s, flush=True)) if verbose else (lambda s: None)
     # Whatever can reject the input comes before anything is written: the device, the run
@@ -282,23 +291,40 @@ def run(cfg: Config, resume: Path | str | None = None, *, verbose: bool = True) 
     rd = plan_run_dir(cfg, Path(resume) if resume else None)
     seed_everything(cfg.seed)
 
-    cluster, followers, threads = None, [], torch.get_num_threads()
+    cluster, followers, threads, b = None, [], torch.get_num_threads(), None
     if cfg.train.world_size > 1:  # clustered mode: start the followers first, they load in parallel
         addr, followers = start_followers(cfg, follower_main, (cfg.to_dict(),))
     try:
         # the disk store creates its directory on first use, so nothing is written yet
         b = _build(cfg, device, ClientStateStore(rd.path / "state" / "clients" if cfg.train.client_state == "disk"
-                                                 else None))
+                                                 else None), base=base)
         task_eval = _task_evaluator(cfg, b, echo)
         if followers:
             cluster = join_cluster(b.rt, 0, cfg, addr)
         with rd.setting_up(cfg):
             server, logger, start = _setup_server(cfg, b, rd.path, resume, echo, verbose, task_eval)
+        if on_round_end is not None:  # after the console's own hook (the round table is printed first)
+            server.hooks.on_round_end = _chain(server.hooks.on_round_end, lambda rnd, row, _: on_round_end(rnd, row))
         server.run(start_round=start)
         return finish_run(cfg, logger, rd.path, len(b.train_clients), t_start, echo,
                           per_client=GLOBAL not in b.algorithm.adapters())
     finally:
         stop_cluster(cluster, followers, threads)
+        if base is not None and b is not None:
+            from fedtune.adapters import detach_adapter
+
+            detach_adapter(b.am.model)
+
+
+def _chain(*hooks):
+    """One round-end hook calling each of ``hooks`` (``None`` skipped) in order."""
+    live = [h for h in hooks if h is not None]
+
+    def call(*args):
+        for h in live:
+            h(*args)
+
+    return call
 
 
 @dataclass
@@ -320,8 +346,8 @@ def rank_device(device: torch.device, rank: int) -> torch.device:
     return device
 
 
-def _build(cfg: Config, device: torch.device, store: ClientStateStore) -> _Built:
-    base = load_model(cfg.model)
+def _build(cfg: Config, device: torch.device, store: ClientStateStore, base=None) -> _Built:
+    base = base if base is not None else load_model(cfg.model)
     tok = load_client_data(cfg, base[1])
     names = list(tok)
     am = build_adapter_model(cfg, base, device)
