@@ -3,6 +3,7 @@
     fedtune run CONFIG.yaml [key.sub=value ...] [--resume RUN_DIR]
     fedtune data describe PRESET_OR_CONFIG [key.sub=value ...] [--out DIR]
     fedtune eval TARGET [--suite NAME | --tasks a,b] [--limit N] [task.option=value ...]
+    fedtune hpo STUDY.yaml [key.sub=value | hpo.key=value ...]   (hyperparameter search on optuna)
     fedtune deploy certs|superlink|register|supernode|submit|worker ...   (networked, on Flower)
 
 User mistakes print one ``error:`` line (or a few for several invalid keys) and exit with 2;
@@ -39,8 +40,25 @@ def _parser() -> argparse.ArgumentParser:
     desc.add_argument("--no-tokens", action="store_true", help="skip token-length statistics (no tokenizer load)")
     desc.set_defaults(intermixed=desc)
     _eval_parser(sub)
+    _hpo_parser(sub)
     _deploy_parser(sub)
     return p
+
+
+def _hpo_parser(sub) -> None:
+    h = sub.add_parser("hpo", help="hyperparameter search over federated runs (optuna; resumable; docs/hpo.md)")
+    h.add_argument("study", help="a run config with an hpo: section (search space, objective, sampler, pruner)")
+    h.add_argument("overrides", nargs="*", help="dotted overrides: hpo.n_trials=8 hpo.sampler=random for the study, "
+                   "anything else (fl.rounds=4) for the base run config")
+    h.add_argument("-q", "--quiet", action="store_true", help="no per-round progress lines")
+    h.set_defaults(intermixed=h)
+
+
+def _hpo(args) -> None:
+    from fedtune.hpo import load_study, run_study
+
+    study = load_study(args.study, args.overrides)
+    run_study(study, verbose=not args.quiet)
 
 
 def _eval_parser(sub) -> None:
@@ -244,13 +262,18 @@ def main(argv: list[str] | None = None) -> int:
             _describe(args)
         elif args.command == "eval":
             _eval(args)
+        elif args.command == "hpo":
+            _hpo(args)
         elif args.command == "deploy":
             return _deploy(args)
     except FedtuneError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        print("interrupted; resume with --resume RUN_DIR", file=sys.stderr)
+        if args.command == "hpo":
+            print("interrupted; run the same `fedtune hpo` command again to resume the study", file=sys.stderr)
+        else:
+            print("interrupted; resume with --resume RUN_DIR", file=sys.stderr)
         return 130
     return 0
 
