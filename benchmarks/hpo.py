@@ -44,8 +44,11 @@ SPACE = {
 ARMS = ("random", "asha", "hyperband", "sync_sha")
 
 
-def study_dict(quick: bool, out: Path, arm: str, n: int) -> dict:
-    rounds = 3 if quick else 9
+def study_dict(quick: bool, out: Path, arm: str, n: int, task: str | None = None, task_limit: int = 40) -> dict:
+    rounds = 2 if quick else 9
+    # the task score (random search only: the pruning arms need no more than the val loss) is
+    # logged after the last round (and at round 0), for the rank comparison of FS-LLM Fig. 5(b)
+    tasks = {"tasks": [task], "task_limit": task_limit, "task_every": rounds} if task and arm == "random" else {}
     return {
         "seed": 0,
         "model": {"name": "smollm2-135m-instruct"},
@@ -56,7 +59,7 @@ def study_dict(quick: bool, out: Path, arm: str, n: int) -> dict:
         "train": {"optimizer": "adamw", "lr": 5e-4, "batch_size": 2, "local_steps": 2, "precision": "fp32",
                   "client_state": "memory"},
         "fl": {"rounds": rounds, "clients_per_round": 2},
-        "eval": {"every": 1, "splits": ["val"], "batch_size": 8},
+        "eval": {"every": 1, "splits": ["val"], "batch_size": 8, **tasks},
         "checkpoint": {"every": 1, "keep": 1},
         "output": {"tensorboard": False, "progress": False},
         "hpo": {"space": SPACE, "objective": "val_loss", "sampler": "random", "seed": 0, "n_trials": n,
@@ -87,22 +90,25 @@ def events(arm: str, rows: list[dict], rungs: list[int], per_round: int) -> list
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--quick", action="store_true", help="CI-sized: 4 configurations, 3 rounds")
+    ap.add_argument("--quick", action="store_true", help="CI-sized: 3 configurations, 2 rounds")
     ap.add_argument("--out", default=None, help="where the studies go (default: a temp dir)")
-    ap.add_argument("--n", type=int, default=None, help="configurations per study (default 9; quick 4)")
+    ap.add_argument("--n", type=int, default=None, help="configurations per study (default 9; quick 3)")
     ap.add_argument("--arms", default=",".join(ARMS))
+    ap.add_argument("--task", default=None, help="a task score logged for the random-search trials (e.g. "
+                    "openbookqa): the study then also plots rank by val loss vs rank by that score")
+    ap.add_argument("--task-limit", type=int, default=40)
     args = ap.parse_args()
     from fedtune.hpo import load_study, run_study
     from fedtune.hpo.report import markdown_table, trial_rows
     from fedtune.hpo.space import sync_rungs
 
     out = Path(args.out) if args.out else Path(tempfile.mkdtemp(prefix="fedtune-bench-hpo-"))
-    n = args.n or (4 if args.quick else 9)
+    n = args.n or (3 if args.quick else 9)
     arms = [a for a in args.arms.split(",") if a]
     mon = CpuMonitor()
-    results, tables, curves = {}, {}, {}
+    results, tables, curves, summary_rho = {}, {}, {}, {}
     for arm in arms:
-        study = load_study(None, data=study_dict(args.quick, out, arm, n))
+        study = load_study(None, data=study_dict(args.quick, out, arm, n, args.task, args.task_limit))
         t0 = time.perf_counter()
         log(f"{arm}: {n} configurations, up to {study.base_cfg.fl.rounds} rounds, in {study.dir}")
         res = run_study(study, verbose=False)
@@ -117,6 +123,10 @@ def main() -> None:
                 curves[arm][r["trial"]] = {x["round"]: x["val_loss"] for x in map(json.loads, f.read_text().splitlines())
                                            if x.get("kind") == "round" and x.get("val_loss") is not None}
         best = min((r for r in rows if r["state"] == "complete"), key=lambda r: r["objective"])
+        if arm == "random" and res.summary.get("spearman_rho") is not None:
+            summary_rho = {k: res.summary[k] for k in ("spearman_rho", "rank_loss", "rank_score", "rank_trials")}
+            log(f"random: Spearman's rho(rank by val loss, rank by {summary_rho['rank_score']}) = "
+                f"{summary_rho['spearman_rho']:.3f}; plots in {study.dir}")
         results[arm] = {"rows": rows, "events": ev, "best_trial": best["trial"], "best_value": best["objective"],
                         "client_rounds": sum(int(r["client_rounds"]) for r in rows),
                         "seconds": round(time.perf_counter() - t0, 1)}
@@ -125,6 +135,7 @@ def main() -> None:
         print(f"\n### {arm}\n\n{tables[arm]}\n", flush=True)
 
     summary = {"benchmark": "hpo", "quick": args.quick, "n_configs": n, "arms": {}}
+    summary.update(summary_rho)
     if "random" in results:
         rnd = results["random"]
         target = rnd["best_value"] * 1.01
