@@ -58,7 +58,7 @@ def _hpo(args) -> None:
     from fedtune.hpo import load_study, run_study
 
     study = load_study(args.study, args.overrides)
-    run_study(study, verbose=not args.quiet)
+    run_study(study, round_lines=not args.quiet)
 
 
 def _eval_parser(sub) -> None:

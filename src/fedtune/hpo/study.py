@@ -246,8 +246,6 @@ class Reporter:
                 self.trial.report(self.value, rnd)
             if self.trial.should_prune():
                 self._attrs()
-                if live:
-                    self.echo(f"  {self.label} pruned at round {rnd}: {o} {self.value:.4f}")
                 raise _optuna().TrialPruned(f"pruned at round {rnd}")
 
     def __call__(self, rnd: int, row: dict[str, Any]) -> None:
@@ -267,9 +265,11 @@ class Reporter:
 
 
 class Runner:
-    def __init__(self, study: Study, ostudy, *, verbose: bool = True, overrides: dict[str, Any] | None = None):
+    def __init__(self, study: Study, ostudy, *, verbose: bool = True, overrides: dict[str, Any] | None = None,
+                 round_lines: bool = True):
         self.study, self.ostudy, self.verbose = study, ostudy, verbose
         self.echo = (lambda s: print(s, flush=True)) if verbose else (lambda s: None)
+        self.round_echo = self.echo if round_lines else (lambda s: None)
         self.cache = BaseCache()
         self.overrides = dict(overrides or {})  # per-trial config changes the strategy needs
         self.runs = 0  # fedtune runs started (tests count them)
@@ -311,7 +311,7 @@ class Runner:
         trial.set_user_attr("run_dir", str(run_dir.relative_to(study.dir)))
         cfg = study.trial_config(params, run_dir, self.overrides)
         label = f"trial {number}"
-        rep = Reporter(trial, study, prune=study.hpo.pruner in ("asha", "hyperband"), echo=self.echo, label=label,
+        rep = Reporter(trial, study, prune=study.hpo.pruner in ("asha", "hyperband"), echo=self.round_echo, label=label,
                        stop_at=stop_at)
         done = _latest_round(run_dir)
         if done is None and run_dir.exists():
@@ -361,6 +361,7 @@ class Runner:
                       f"{self._best_note()}")
         elif status == "pruned":
             self.ostudy.tell(trial, state=optuna.trial.TrialState.PRUNED)
+            self.echo(f"[{label}] pruned after {rep.rounds} rounds: {study.hpo.objective} {rep.value:.4f}")
         elif status == "failed":
             self.ostudy.tell(trial, state=optuna.trial.TrialState.FAIL)
         return status
@@ -462,8 +463,9 @@ class StudyResult:
     runs: int = 0
 
 
-def run_study(study: Study, *, verbose: bool = True) -> StudyResult:
-    """Run (or resume) ``study`` to its end; write the trial table, best config, plots, summary."""
+def run_study(study: Study, *, verbose: bool = True, round_lines: bool = True) -> StudyResult:
+    """Run (or resume) ``study`` to its end; write the trial table, best config, plots, summary.
+    ``verbose``: progress per trial (and with ``round_lines`` per round) and the closing report."""
     import math as _m
 
     from fedtune.hpo.report import write_outputs
@@ -483,7 +485,7 @@ def run_study(study: Study, *, verbose: bool = True) -> StudyResult:
     if h.pruner == "sync_sha":
         every = study.base_cfg.checkpoint.every
         overrides["checkpoint.every"] = _m.gcd(every, h.min_rounds) if every > 0 else h.min_rounds
-    runner = Runner(study, ostudy, verbose=verbose, overrides=overrides)
+    runner = Runner(study, ostudy, verbose=verbose, overrides=overrides, round_lines=round_lines)
     try:
         if h.pruner == "sync_sha":
             runner.sync_sha()
