@@ -6,7 +6,7 @@ steps). Each round every sampled client i gets its own instruction with a config
 (drawn from a generator seeded by (``seed``, round, client): deterministic and resumable without
 any RNG state); it evaluates its validation loss before and after training with those settings
 and reports both plus its validation-set size v_i. The adapters are averaged as FedAvg does
-(``fl.weighting``); the policy moves by an exponentiated-gradient step:
+(``fl.weighting``). Rule: the policy moves by an exponentiated-gradient step,
 
 * w_i = v_i / Σ v; s_i = after_i (or after_i − before_i with ``diff``);
 * baseline b = discounted mean (factor ``gamma``: weight γ^age, 0 = the last round only, 1 = the
