@@ -89,6 +89,28 @@ def attach_adapter(
     return pm
 
 
+def detach_adapter(pm: PeftModel) -> torch.nn.Module:
+    """Take the adapter off a model :func:`attach_adapter` wrapped; the base model comes back as it
+    was (frozen, eval mode), ready for another adapter. LoRA injects its layers into the base model
+    in place, so they are unloaded (not merged: the base weights stay untouched); prompt-learning
+    methods leave the base model alone. Raises when anything of an adapter is left (a leak would
+    silently change the next run on this base)."""
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
+    if getattr(pm, "_fedtune_detached", False):
+        return pm.get_base_model()
+    cfgs = getattr(pm, "peft_config", {}) or {}
+    prompt = any(getattr(c, "is_prompt_learning", False) for c in cfgs.values())
+    base = pm.get_base_model() if prompt else pm.unload()
+    left = [n for n, m in base.named_modules() if isinstance(m, BaseTunerLayer)]
+    if left or hasattr(base, "peft_config"):
+        raise RuntimeError(f"adapter layers left in the base model after unloading: {left[:3]}")
+    base.requires_grad_(False)
+    base.eval()
+    pm._fedtune_detached = True
+    return base
+
+
 def linear_module_names(model: torch.nn.Module) -> list[str]:
     """Names (last component) of the model's linear layers: what ``peft.target_modules`` can name.
 

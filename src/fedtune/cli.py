@@ -3,6 +3,7 @@
     fedtune run CONFIG.yaml [key.sub=value ...] [--resume RUN_DIR]
     fedtune data describe PRESET_OR_CONFIG [key.sub=value ...] [--out DIR]
     fedtune eval TARGET [--suite NAME | --tasks a,b] [--limit N] [task.option=value ...]
+    fedtune hpo STUDY.yaml [key.sub=value | hpo.key=value ...]   (hyperparameter search on optuna)
     fedtune deploy certs|superlink|register|supernode|submit|worker ...   (networked, on Flower)
     fedtune chat TARGET [--prompt TEXT | --prompts FILE] [--compare-base] [--history N] ...
     fedtune export TARGET --out DIR [--merged] [--dtype float32|bfloat16|float16] [--overwrite]
@@ -43,6 +44,7 @@ def _parser() -> argparse.ArgumentParser:
     desc.add_argument("--no-tokens", action="store_true", help="skip token-length statistics (no tokenizer load)")
     desc.set_defaults(intermixed=desc)
     _eval_parser(sub)
+    _hpo_parser(sub)
     _deploy_parser(sub)
     _use_parsers(sub)
     return p
@@ -87,6 +89,22 @@ def _use_parsers(sub) -> None:
     m.add_argument("--markdown", action="store_true", help="print the markdown table instead of the text table")
     m.add_argument("--labels", default=None, help="comma-separated names for the runs (default: directory names)")
     m.add_argument("-v", "--verbose", action="store_true", help="show library warnings")
+
+
+def _hpo_parser(sub) -> None:
+    h = sub.add_parser("hpo", help="hyperparameter search over federated runs (optuna; resumable; docs/hpo.md)")
+    h.add_argument("study", help="a run config with an hpo: section (search space, objective, sampler, pruner)")
+    h.add_argument("overrides", nargs="*", help="dotted overrides: hpo.n_trials=8 hpo.sampler=random for the study, "
+                   "anything else (fl.rounds=4) for the base run config")
+    h.add_argument("-q", "--quiet", action="store_true", help="no per-round progress lines")
+    h.set_defaults(intermixed=h)
+
+
+def _hpo(args) -> None:
+    from fedtune.hpo import load_study, run_study
+
+    study = load_study(args.study, args.overrides)
+    run_study(study, round_lines=not args.quiet)
 
 
 def _eval_parser(sub) -> None:
@@ -304,6 +322,8 @@ def main(argv: list[str] | None = None) -> int:
             _describe(args)
         elif args.command == "eval":
             _eval(args)
+        elif args.command == "hpo":
+            _hpo(args)
         elif args.command == "deploy":
             return _deploy(args)
         elif args.command in ("chat", "export", "compare"):
@@ -316,7 +336,8 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt as e:
         from fedtune.rundir_lock import Terminated
 
-        hint = "; resume with --resume RUN_DIR" if args.command == "run" else ""
+        hint = {"run": "; resume with --resume RUN_DIR",
+                "hpo": "; run the same `fedtune hpo` command again to resume the study"}.get(args.command, "")
         print(f"{'terminated' if isinstance(e, Terminated) else 'interrupted'}{hint}", file=sys.stderr)
         return 143 if isinstance(e, Terminated) else 130
     finally:

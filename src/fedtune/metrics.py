@@ -91,6 +91,8 @@ class MetricsLogger:
             self.tb.flush()
 
     def close(self) -> None:
+        """Flush and close the TensorBoard writer (idempotent: every exit path of a run calls it)."""
         self.flush()
         if self.tb is not None:
             self.tb.close()
+            self.tb = None

@@ -410,8 +410,17 @@ def end_run(run_dir: Path) -> None:
         rd.release()
 
 
-def run(cfg: Config, resume: Path | str | None = None, *, verbose: bool = True) -> RunResult:
-    """Run (or resume) the federated fine-tuning described by ``cfg``."""
+def run(cfg: Config, resume: Path | str | None = None, *, verbose: bool = True, base=None,
+        on_round_end=None) -> RunResult:
+    """Run (or resume) the federated fine-tuning described by ``cfg``.
+
+    ``base``: an already loaded ``(model, tokenizer)`` of ``cfg.model`` to use instead of loading
+    it (``fedtune hpo`` runs many trials on one); the run attaches its adapter to it and takes the
+    adapter off again on every exit path, so the model is handed back as it was lent.
+    ``on_round_end(round, row)``: called after each round's row is logged and its checkpoint (if
+    due) written; whatever it raises (``optuna.TrialPruned``) ends the run there, with the metrics
+    logger closed.
+    """
     t_start = time.perf_counter()
     echo = (lambda s: print(s, flush=True)) if verbose else (lambda s: None)
     # Whatever can reject the input comes before anything is written: the device, the run
@@ -419,20 +428,22 @@ def run(cfg: Config, resume: Path | str | None = None, *, verbose: bool = True) 
     # (in _build), then the config against them (preflight_run).
     device = rank_device(resolve_device(cfg.train.device, "train.device"), 0)
     rd = plan_run_dir(cfg, Path(resume) if resume else None)  # locks an existing directory
-    cluster, followers, threads = None, [], torch.get_num_threads()
+    cluster, followers, threads, b = None, [], torch.get_num_threads(), None
     try:
         seed_everything(cfg.seed)
         if cfg.train.world_size > 1:  # clustered mode: start the followers first, they load in parallel
             addr, followers = start_followers(cfg, follower_main, (cfg.to_dict(),))
         # the disk store creates its directory on first use, so nothing is written yet
         b = _build(cfg, device, ClientStateStore(rd.path / "state" / "clients" if cfg.train.client_state == "disk"
-                                                 else None))
+                                                 else None), base=base)
         preflight_run(cfg, b, rd.path)
         task_eval = _task_evaluator(cfg, b, echo)
         if followers:
             cluster = join_cluster(b.rt, 0, cfg, addr)
         with rd.setting_up(cfg):
             server, logger, start = _setup_server(cfg, b, rd.path, resume, echo, verbose, task_eval)
+        if on_round_end is not None:  # after the console's own hook (the round table is printed first)
+            server.hooks.on_round_end = _chain(server.hooks.on_round_end, lambda rnd, row, _: on_round_end(rnd, row))
         attach_log_file(rd.path / "run.log")  # library warnings so far and from now on (fedtune.logs)
         with disk_errors(rd.path):
             server.run(start_round=start)
@@ -444,6 +455,10 @@ def run(cfg: Config, resume: Path | str | None = None, *, verbose: bool = True) 
     finally:
         stop_cluster(cluster, followers, threads)
         rd.release()
+        if base is not None and b is not None:
+            from fedtune.adapters import detach_adapter
+
+            detach_adapter(b.am.model)
 
 
 def preflight_run(cfg: Config, b: _Built, run_dir: Path) -> None:
@@ -453,6 +468,17 @@ def preflight_run(cfg: Config, b: _Built, run_dir: Path) -> None:
 
     check_federation(cfg, len(b.train_clients))
     check_free_space(run_dir, checkpoint_bytes(b.am.init, len(b.names), GLOBAL not in b.algorithm.adapters()))
+
+
+def _chain(*hooks):
+    """One round-end hook calling each of ``hooks`` (``None`` skipped) in order."""
+    live = [h for h in hooks if h is not None]
+
+    def call(*args):
+        for h in live:
+            h(*args)
+
+    return call
 
 
 @dataclass
@@ -474,10 +500,10 @@ def rank_device(device: torch.device, rank: int) -> torch.device:
     return device
 
 
-def _build(cfg: Config, device: torch.device, store: ClientStateStore) -> _Built:
+def _build(cfg: Config, device: torch.device, store: ClientStateStore, base=None) -> _Built:
     from fedtune.preflight import check_against_model
 
-    base = load_model(cfg.model)
+    base = base if base is not None else load_model(cfg.model)
     check_against_model(cfg, base[0])  # before the data: peft.r, data.max_length vs the model
     tok = load_client_data(cfg, base[1])
     names = list(tok)

@@ -251,19 +251,21 @@ class Server:
 
     def run(self, start_round: int = 1) -> list[dict[str, Any]]:
         rows = []
-        if start_round == 1 and self.cfg.eval.every > 0:
-            # round 0: the untrained adapter, so every curve has its starting point
-            row = {"round": 0, "kind": "round", **self.evaluate(0, client_rows := {})}
-            self.evaluate_tasks(0, row, client_rows)
-            for r in client_rows.values():
-                self.logger.log(r)
-            self.logger.log(row)
-            if self.hooks.on_round_end:
-                self.hooks.on_round_end(0, row, list(client_rows.values()))
-            rows.append(row)
-        for rnd in range(start_round, self.cfg.fl.rounds + 1):
-            rows.append(self.run_round(rnd))
-        self.logger.close()
+        try:  # the logger (and its TensorBoard writer) is closed however the run ends: done, crashed, stopped by a hook
+            if start_round == 1 and self.cfg.eval.every > 0:
+                # round 0: the untrained adapter, so every curve has its starting point
+                row = {"round": 0, "kind": "round", **self.evaluate(0, client_rows := {})}
+                self.evaluate_tasks(0, row, client_rows)
+                for r in client_rows.values():
+                    self.logger.log(r)
+                self.logger.log(row)
+                if self.hooks.on_round_end:
+                    self.hooks.on_round_end(0, row, list(client_rows.values()))
+                rows.append(row)
+            for rnd in range(start_round, self.cfg.fl.rounds + 1):
+                rows.append(self.run_round(rnd))
+        finally:
+            self.logger.close()
         return rows
 
 
