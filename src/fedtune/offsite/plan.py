@@ -8,9 +8,8 @@ blocks. Uniform layer drop keeps k = round(M·(1 − drop)) of them, at middle i
 (the first and the last middle block are always kept). This is the offsite-tuning code's
 ``uniform_choose_layers``, computed the same way: the stride (M − 1)/(k − 1) as a float first,
 then Python's ``round`` (half to even) of i·stride, so fedtune keeps exactly the blocks the
-reference keeps (e.g. M = 26, k = 13: 6·(25/12) is 12.500000000000002 in floating point and
-rounds to 13). k = M keeps every block; k = 1 keeps the first middle block (the formula has no
-stride then); k = 0 is refused.
+reference keeps (M = 26, k = 13: i = 6 gives 12.5, which rounds to 12). k = M keeps every block;
+k = 1 keeps the first middle block (the formula has no stride then); k = 0 is refused.
 
 The emulator's blocks are numbered 0..l+k+r−1: first the l bottom adapter blocks, then the k kept
 middle blocks, then the r top adapter blocks. :meth:`Plan.source` maps an emulator block to the
