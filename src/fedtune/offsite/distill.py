@@ -86,10 +86,19 @@ def teacher_hidden(full: torch.nn.Module, plan: Plan, layout: Layout, batch: dic
 
 def kd_step_loss(forward: Callable, student: torch.nn.Module, h_t: torch.Tensor, plan: Plan, layout: Layout,
                  batch: dict[str, torch.Tensor], kd: _KD, label_only: bool) -> tuple[torch.Tensor, float, float]:
-    """The KD + LM loss of one batch for the emulator ``student`` run through ``forward``."""
+    """The KD + LM loss of one batch for the emulator ``student`` run through ``forward``. Without an
+    LM term (``lm_weight: 0``) the student's forward stops after its middle, as the teacher's does."""
     block = blocks_of(student, layout)[plan.bottom + len(plan.kept) - 1]
-    with capture(block) as got:
-        lm = lm_loss(forward, batch, label_only).float()
+    if kd.lm_weight == 0:
+        with capture(block, stop=True) as got:
+            try:
+                forward(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False)
+            except _Stop:
+                pass
+        lm = torch.zeros(())
+    else:
+        with capture(block) as got:
+            lm = lm_loss(forward, batch, label_only).float()
     kdl = kd_loss(h_t, got["h"], batch["attention_mask"])
     loss = kd.kd_weight * kdl + kd.lm_weight * lm
     return loss, float(kdl.detach()), float(lm.detach())

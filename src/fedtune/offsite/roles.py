@@ -122,19 +122,21 @@ def _data_digest(ds) -> str:
     return h.hexdigest()
 
 
-def build_server(cfg: Config, device: torch.device, echo=log.info) -> OffsiteServer:
-    """The owner's models (see the module docstring); every bad input is refused before any training."""
-    from fedtune.models import load_model
+def build_server(cfg: Config, device: torch.device, echo=log.info, tokenizer=None) -> OffsiteServer:
+    """The owner's models (see the module docstring). Every bad input (architecture, plan, the
+    public data) is refused from the config, tokenizer and data alone, before the weights load."""
+    from fedtune.models import load_model, load_tokenizer
     from fedtune.offsite import distill as D
 
     check_offsite(cfg)
     o = cfg.offsite
+    tok = tokenizer if tokenizer is not None else load_tokenizer(cfg.model)
+    E.plan_for(E.model_config(cfg.model, tok), cfg)
+    distill_data = D.public_data(cfg, o.distill, tok, "distill") if o.distill.steps else None
+    realign_data = D.public_data(cfg, o.realign, tok, "realign") if o.realign.steps else None
     full, tok = load_model(cfg.model)
     plan, layout = E.plan_for(full.config, cfg)
     E.blocks_of(full, layout)  # the table's path really is this model's block list
-    # the server's public data is read now: a missing file is an error before any work
-    distill_data = D.public_data(cfg, o.distill, tok, "distill") if o.distill.steps else None
-    realign_data = D.public_data(cfg, o.realign, tok, "realign") if o.realign.steps else None
     full.to(device)
     em = E.build_skeleton(E.emulator_config(full.config, plan, layout), cfg.model.dtype, pad_id=tok.pad_token_id,
                           trust_remote_code=cfg.model.trust_remote_code, name=f"{cfg.model.name} (emulator)")
@@ -341,9 +343,9 @@ def build_simulation(cfg: Config, device: torch.device, store: ClientStateStore)
     tokenizer = load_tokenizer(cfg.model)
     tok = load_client_data(cfg, tokenizer)  # the clients' data is checked before the models are built
     names = list(tok)
+    srv = build_server(cfg, device, tokenizer=tokenizer)
     client_model, ce = build_client_model(cfg, tokenizer, device,
                                           store.root.parent / "emulator" if store.root is not None else None)
-    srv = build_server(cfg, device)
     algorithm = wrap(cfg, build_algorithm(cfg.fl), server=srv, client=ce)
     rt = ClientRuntime(model=client_model, pad_id=tokenizer.pad_token_id, cfg=cfg, device=device,
                        algorithm=algorithm, store=store)
