@@ -262,35 +262,44 @@ def file_hash(path: Path) -> str:
     return h.hexdigest()
 
 
-def read_emulator(path: Path, plan: Plan, spec: dict[str, tuple[tuple[int, ...], torch.dtype]]) -> TensorDict:
-    """Load an emulator file, checked strictly against what this side expects: its plan, and exactly
-    the tensors ``spec`` names with their shapes and dtypes."""
+def read_emulator(source: Path | bytes, plan: Plan, spec: dict[str, tuple[tuple[int, ...], torch.dtype]]) -> TensorDict:
+    """Load an emulator (a file, or its bytes), checked strictly against what this side expects: its
+    plan, and exactly the tensors ``spec`` names with their shapes and dtypes, all finite."""
     from safetensors import SafetensorError, safe_open
+    from safetensors.torch import load
 
+    what = source.name if isinstance(source, Path) else "received"
     try:
-        with safe_open(str(path), framework="pt") as f:
-            meta = json.loads((f.metadata() or {}).get(META_KEY, "null"))
-            if not isinstance(meta, dict) or meta.get("format") != FORMAT:
-                raise FedtuneError(f"{path} is not a fedtune emulator file")
-            if Plan.from_dict(meta["plan"]) != plan:
-                raise FedtuneError(f"emulator {path.name} was cut with plan {meta['plan']}, this run expects "
-                                   f"{plan.to_dict()}")
-            keys = set(f.keys())
-            if keys != set(spec):
-                missing, extra = sorted(set(spec) - keys)[:3], sorted(keys - set(spec))[:3]
-                raise FedtuneError(f"emulator {path.name} does not fit this model: missing {missing}, unexpected {extra}")
-            out: TensorDict = {}
-            for k in sorted(keys):
-                t = f.get_tensor(k)
-                shape, dtype = spec[k]
-                if tuple(t.shape) != shape or t.dtype != dtype:
-                    raise FedtuneError(f"emulator tensor '{k}' is {tuple(t.shape)} {t.dtype}, expected {shape} {dtype}")
-                if t.is_floating_point() and not torch.isfinite(t).all():
-                    raise FedtuneError(f"emulator tensor '{k}' holds NaN or Inf")
-                out[k] = t
-            return out
-    except (SafetensorError, KeyError, TypeError, ValueError) as e:
-        raise FedtuneError(f"emulator file {path} is malformed: {e}") from None
+        if isinstance(source, Path):
+            with safe_open(str(source), framework="pt") as f:
+                raw, keys = (f.metadata() or {}).get(META_KEY, "null"), set(f.keys())
+                tensors = None
+        else:
+            n = int.from_bytes(bytes(source[:8]), "little")
+            header = json.loads(bytes(source[8:8 + n]))
+            raw, keys = (header.get("__metadata__") or {}).get(META_KEY, "null"), set(header) - {"__metadata__"}
+            tensors = load(bytes(source))
+        meta = json.loads(raw)
+        if not isinstance(meta, dict) or meta.get("format") != FORMAT:
+            raise FedtuneError(f"emulator {what} is not a fedtune emulator file")
+        if Plan.from_dict(meta["plan"]) != plan:
+            raise FedtuneError(f"emulator {what} was cut with plan {meta['plan']}, this run expects {plan.to_dict()}")
+        if keys != set(spec):
+            missing, extra = sorted(set(spec) - keys)[:3], sorted(keys - set(spec))[:3]
+            raise FedtuneError(f"emulator {what} does not fit this model: missing {missing}, unexpected {extra}")
+        if tensors is None:
+            with safe_open(str(source), framework="pt") as f:
+                tensors = {k: f.get_tensor(k) for k in sorted(keys)}
+    except (SafetensorError, KeyError, TypeError, ValueError, UnicodeDecodeError) as e:
+        raise FedtuneError(f"emulator {what} is malformed: {e}") from None
+    for k in sorted(keys):
+        t = tensors[k]
+        shape, dtype = spec[k]
+        if tuple(t.shape) != shape or t.dtype != dtype:
+            raise FedtuneError(f"emulator tensor '{k}' is {tuple(t.shape)} {t.dtype}, expected {shape} {dtype}")
+        if t.is_floating_point() and not torch.isfinite(t).all():
+            raise FedtuneError(f"emulator tensor '{k}' holds NaN or Inf")
+    return tensors
 
 
 def cache_root(cfg: Config) -> Path:

@@ -155,14 +155,7 @@ class EmulatorStore:
 
     def read(self, h: str, plan: Plan, spec) -> dict[str, torch.Tensor]:
         """The held emulator's weights, parsed strictly."""
-        if self.root is None:
-            import tempfile
-
-            with tempfile.NamedTemporaryFile(suffix=".safetensors") as tmp:
-                tmp.write(self._mem[h])
-                tmp.flush()
-                return {k: v.clone() for k, v in read_emulator(Path(tmp.name), plan, spec).items()}
-        return read_emulator(self.path(h), plan, spec)
+        return read_emulator(self._mem[h] if self.root is None else self.path(h), plan, spec)
 
 
 class ClientEmulator:
@@ -177,15 +170,7 @@ class ClientEmulator:
         self.base: dict[str, torch.Tensor] = {}  # W₀ of the re-aligned weights
 
     def verify(self, source) -> None:
-        if isinstance(source, (bytes, bytearray)):
-            import tempfile
-
-            with tempfile.NamedTemporaryFile(suffix=".safetensors") as tmp:
-                tmp.write(source)
-                tmp.flush()
-                read_emulator(Path(tmp.name), self.plan, self.spec)
-            return
-        read_emulator(Path(source), self.plan, self.spec)
+        read_emulator(source if isinstance(source, (bytes, bytearray)) else Path(source), self.plan, self.spec)
 
     def exchange(self, cid: str, config: dict[str, Any], chunk: torch.Tensor) -> dict[str, float]:
         h = config.get("hash")
