@@ -8,6 +8,7 @@
     fedtune chat TARGET [--prompt TEXT | --prompts FILE] [--compare-base] [--history N] ...
     fedtune export TARGET --out DIR [--merged] [--dtype float32|bfloat16|float16] [--overwrite]
     fedtune compare RUN_DIR RUN_DIR ... [--out DIR] [--per-client] [--markdown]
+    fedtune offsite export RUN_DIR --out DIR      (offsite tuning: the plug-in model as an HF directory)
 
 User mistakes print one ``error:`` line (or a few for several invalid keys) and exit with 2;
 anything else is a bug and keeps its traceback.
@@ -47,6 +48,9 @@ def _parser() -> argparse.ArgumentParser:
     _hpo_parser(sub)
     _deploy_parser(sub)
     _use_parsers(sub)
+    from fedtune.offsite.cli import add_parser as _offsite_parser
+
+    _offsite_parser(sub)
     return p
 
 
@@ -123,6 +127,8 @@ def _eval_parser(sub) -> None:
     e.add_argument("--base", default=None, help="base model for the adapter(s) (default: the one they record)")
     e.add_argument("--compare-base", action="store_true", help="also evaluate the base model, in the same table")
     e.add_argument("--no-clients", action="store_true", help="run directory: skip the per-client adapters")
+    e.add_argument("--offsite", choices=["both", "emulator", "plugin"], default="both",
+                   help="offsite-tuning adapters: score the emulator, the plug-in (full model), or both (default)")
     e.add_argument("--out", default=None, help="results directory (default: RUN_DIR/eval or runs/eval-<name>)")
     e.add_argument("--data-dir", default=None, help="directory holding the evaluation data (else $FEDTUNE_DATA_DIR, "
                    "the run's data.data_dir, or the download cache)")
@@ -330,6 +336,10 @@ def main(argv: list[str] | None = None) -> int:
             import importlib
 
             return importlib.import_module(f"fedtune.{args.command}").main(args)
+        elif args.command == "offsite":
+            from fedtune.offsite.cli import main as offsite_main
+
+            offsite_main(args)
     except FedtuneError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

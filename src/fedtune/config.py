@@ -15,6 +15,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from fedtune.errors import FedtuneError, did_you_mean
+from fedtune.offsite.config import OffsiteConfig
 
 
 #: bounds shared by many fields: counts that size an allocation or a loop stay far below what a
@@ -360,6 +361,8 @@ class Config(_Section):
     comm: CommConfig = Field(default_factory=CommConfig)
     output: OutputConfig = Field(default_factory=OutputConfig)
     deploy: DeployConfig = Field(default_factory=DeployConfig)
+    #: offsite tuning (FedOT/LocalOT, docs/offsite.md); its keys are defined in fedtune/offsite/config.py
+    offsite: OffsiteConfig = Field(default_factory=OffsiteConfig)
 
     def to_dict(self) -> dict[str, Any]:
         return self.model_dump(mode="json")

@@ -491,6 +491,8 @@ class _Built:
     names: list[str]
     train_clients: list[str]
     algorithm: Any
+    #: offsite tuning (fedtune.offsite.roles.Roles): how adapters are saved, the plug-in evaluation
+    roles: Any = None
 
 
 def rank_device(device: torch.device, rank: int) -> torch.device:
@@ -503,6 +505,14 @@ def rank_device(device: torch.device, rank: int) -> torch.device:
 def _build(cfg: Config, device: torch.device, store: ClientStateStore, base=None) -> _Built:
     from fedtune.preflight import check_against_model
 
+    if cfg.offsite.enabled:  # different models by role: the full model here, an emulator for the clients
+        from fedtune.offsite.roles import build_simulation
+
+        if base is not None:
+            raise FedtuneError("offsite runs load their own models (the full model and its emulator); "
+                               "they cannot borrow a loaded base model (fedtune hpo over offsite runs is not "
+                               "supported yet)")
+        return build_simulation(cfg, device, store)
     base = base if base is not None else load_model(cfg.model)
     check_against_model(cfg, base[0])  # before the data: peft.r, data.max_length vs the model
     tok = load_client_data(cfg, base[1])
@@ -577,6 +587,8 @@ def follower_main(rank: int, world: int, addr: str, cfg_dict: dict, build=None, 
 def _task_evaluator(cfg: Config, b: _Built, echo):
     """Benchmark tasks in the loop (``eval.tasks``, :mod:`fedtune.eval`) on the shared model; built
     (and the task names and options checked) before the run directory is made."""
+    if b.roles is not None:  # offsite tuning: the plug-in model scored in the loop
+        return b.roles.start(cfg, echo)
     if not cfg.eval.tasks:
         return None
     from fedtune.data import get_template
@@ -602,7 +614,8 @@ def _setup_server(cfg: Config, b: _Built, run_dir: Path, resume, echo, verbose: 
     logger = MetricsLogger(run_dir, tensorboard=cfg.output.tensorboard, resume_round=resume_round)
     server = Server(cfg=cfg, algorithm=b.algorithm, transport=InProcessTransport(clients),
                     train_clients=train_clients, eval_clients=names, num_train=num_train,
-                    store=store, logger=logger, run_dir=run_dir, save_adapters=adapter_saver(cfg, b.am, run_dir),
+                    store=store, logger=logger, run_dir=run_dir,
+                    save_adapters=b.roles.saver(run_dir) if b.roles is not None else adapter_saver(cfg, b.am, run_dir),
                     hooks=console_hooks(cfg, echo, verbose), task_eval=task_eval)
     return server, logger, start
 

@@ -206,9 +206,10 @@ class Server:
         splits = self.cfg.eval.splits
         ctx = self.context(rnd, [])
         ctx.config = {"round": rnd, "splits": list(splits)}
+        side = list(self._side_bytes)  # what the algorithm's own exchanges move for the evaluation counts too
         replies = self.exchange("evaluate", self.algorithm.configure_evaluate(ctx))
-        out: dict[str, Any] = {"eval_bytes_down": sum(r.bytes_down for r in replies),
-                               "eval_bytes_up": sum(r.bytes_up for r in replies)}
+        out: dict[str, Any] = {"eval_bytes_down": sum(r.bytes_down for r in replies) + self._side_bytes[0] - side[0],
+                               "eval_bytes_up": sum(r.bytes_up for r in replies) + self._side_bytes[1] - side[1]}
         per_client: dict[str, dict[str, float]] = {}
         for split in splits:
             s = sum(r.message.metrics.get(f"{split}_loss_sum", 0.0) for r in replies if r.message)

@@ -237,6 +237,10 @@ def markdown(report: dict[str, Any]) -> str:
                 m = tg["results"][t]["metrics"]
                 lines.append(f"| {tg['label']} | " + " | ".join(_fmt(m["per_client"].get(c, {}).get("loss", math.nan))
                                                               for c in pc) + f" | {_fmt(m['loss'])} |")
+    if report.get("offsite_gap"):
+        from fedtune.offsite.evaluation import gap_markdown
+
+        lines.append(gap_markdown(report["offsite_gap"]))
     notes = sorted({n for tg in targets for r in tg["results"].values() for n in r.get("notes", [])})
     if notes:
         lines += ["", "Notes:", ""] + [f"- {n}" for n in notes]
@@ -246,13 +250,13 @@ def markdown(report: dict[str, Any]) -> str:
 def run_eval(target: str, settings: EvalSettings, *, base: str | None = None, clients: bool = True,
              compare_base: bool = False, out: str | None = None, dtype: str = "float32", device: str = "auto",
              suite: str | None = None, tasks: str | None = None, verbose: bool = True,
-             command: str | None = None) -> dict[str, Any]:
+             command: str | None = None, offsite: str = "both") -> dict[str, Any]:
     """Resolve ``target``, evaluate every target on the tasks, write the results; return the report."""
     from fedtune.eval.targets import ModelCache, open_target, resolve_targets
     from fedtune.utils import atomic_write_json, atomic_write_text, resolve_device, safe_name, seed_everything
 
     echo = (lambda s: print(s, flush=True)) if verbose else (lambda s: None)
-    resolved = resolve_targets(target, base=base, clients=clients, compare_base=compare_base)
+    resolved = resolve_targets(target, base=base, clients=clients, compare_base=compare_base, offsite=offsite)
     settings.tasks = tasks_for(suite, tasks, resolved.run_cfg) if not settings.tasks else settings.tasks
     if settings.data_dir is None and resolved.run_cfg is not None and resolved.run_cfg.data.data_dir:
         settings.data_dir = resolved.run_cfg.data.data_dir
@@ -304,6 +308,10 @@ def run_eval(target: str, settings: EvalSettings, *, base: str | None = None, cl
             break
     else:
         samples_error = None
+    if any(t.kind == "plugin" for t in resolved.targets):  # offsite tuning: emulator vs plug-in
+        from fedtune.offsite.evaluation import gap_report
+
+        report["offsite_gap"] = gap_report(report)
     md = markdown(_jsonable(report))
     echo("\n" + md)  # first, so a failed write below loses nothing a person can read
     try:
@@ -344,4 +352,4 @@ def main(args: Any) -> None:
     check_settings(settings)
     run_eval(args.target, settings, base=args.base, clients=not args.no_clients, compare_base=args.compare_base,
              out=args.out, dtype=args.dtype, device=args.device, suite=args.suite, tasks=args.tasks,
-             verbose=True, command="fedtune eval " + " ".join(sys.argv[2:]))
+             verbose=True, command="fedtune eval " + " ".join(sys.argv[2:]), offsite=getattr(args, "offsite", "both"))

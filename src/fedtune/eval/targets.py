@@ -18,8 +18,8 @@ Offsite tuning (FS-LLM's FedOT) plugs in here: it needs two more kinds, ``offsit
 (the layer-dropped emulator with the trained adapter layers) and ``offsite-full`` (the full model
 with the adapter layers plugged back in). Each is an opener ``(target, cache) -> (model,
 tokenizer, template)`` registered with :func:`register_target_kind`, and :func:`resolve_targets`
-would list both for a run whose ``peft.method`` is an offsite method. fedtune has no offsite
-tuning yet, so nothing is registered for them.
+lists both for an offsite adapter directory: :mod:`fedtune.offsite.evaluation` registers them as
+``emulator`` and ``plugin``.
 """
 
 from __future__ import annotations
@@ -66,7 +66,8 @@ class Resolved:
 
 
 def _is_adapter_dir(p: Path) -> bool:
-    return (p / "adapter_config.json").is_file()
+    # an offsite-tuning adapter (fedtune.offsite.files) is a directory of its own format
+    return (p / "adapter_config.json").is_file() or (p / "fedtune_offsite.json").is_file()
 
 
 def _is_run_dir(p: Path) -> bool:
@@ -100,12 +101,13 @@ def _client_dirs(adapters: Path) -> list[Path]:
 
 
 def resolve_targets(target: str, *, base: str | None = None, clients: bool = True,
-                    compare_base: bool = False) -> Resolved:
+                    compare_base: bool = False, offsite: str = "both") -> Resolved:
     """Turn the command line's TARGET into what is evaluated.
 
     A run directory gives its global adapter (``adapter/``) and, with ``clients``, every
     client's own adapter (``adapters/<client>/``, the ``local`` scenario); ``compare_base`` adds
-    the base model so one table shows the change.
+    the base model so one table shows the change. An offsite-tuning adapter gives an
+    ``emulator`` and a ``plugin`` target (``offsite``: both, or one of them; fedtune.offsite.evaluation).
     """
     p = Path(target).expanduser()
     run_cfg = run_dir = None
@@ -139,6 +141,10 @@ def resolve_targets(target: str, *, base: str | None = None, clients: bool = Tru
             raise FedtuneError("--base only applies to adapters; the target itself is a model")
         kind_label = "merged" if p.is_dir() else "base"
         return Resolved([Target(kind_label, "base", target)])
+    if any(t.path is not None and (t.path / "fedtune_offsite.json").is_file() for t in out):
+        from fedtune.offsite.evaluation import expand
+
+        out = expand(out, offsite)
     if compare_base:
         out.insert(0, Target("base", "base", out[0].model))
     return Resolved(out, run_cfg, run_dir)

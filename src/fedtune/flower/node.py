@@ -237,6 +237,10 @@ def build_node_clients(cfg: Config, device, store: ClientStateStore, spec: NodeS
     from fedtune.models import load_model
     from fedtune.run import build_adapter_model, load_client_data
 
+    if cfg.offsite.enabled:  # offsite tuning: an emulator skeleton, filled from what the server sends once
+        from fedtune.offsite.roles import node_clients
+
+        return node_clients(cfg, device, store, spec, lambda tok: NodeHandler._data(cfg, spec, tok, load_client_data))
     base = load_model(cfg.model)
     tok = NodeHandler._data(cfg, spec, base[1], load_client_data)
     am = build_adapter_model(cfg, base, device)

@@ -54,12 +54,20 @@ def run_deployed(cfg: Config, grid, resume: str | Path | None = None, *, verbose
         log_file.flush()
 
     try:
-        am = build_adapter_model(cfg)
+        roles = None
+        if cfg.offsite.enabled:  # offsite tuning: the full model stays here, clients get the emulator
+            from fedtune.offsite.roles import deployed_server
+
+            deployed = deployed_server(cfg)
+            am, roles = deployed.am, deployed.roles
+            echo(roles.srv.describe())
+        else:
+            am = build_adapter_model(cfg)
         transport = FlowerTransport(grid, cfg.deploy)
         echo(f"fedtune deploy: {cfg.model.name} + {cfg.peft.method}, waiting for SuperNodes "
              f"(up to {cfg.deploy.join_timeout_s:g}s) → {run_dir}")
         store = ClientStateStore(None)  # client state lives on the clients' machines
-        algorithm = build_algorithm(cfg.fl)
+        algorithm = deployed.algorithm if roles is not None else build_algorithm(cfg.fl)
         clients = None
         if resume:
             # a resumed run goes on with the clients it had (whoever is connected right after a
@@ -77,7 +85,8 @@ def run_deployed(cfg: Config, grid, resume: str | Path | None = None, *, verbose
                         transport=transport, train_clients=cids, eval_clients=cids,
                         num_train=transport.num_train,  # the live map: a client joining later is weighted too
                         store=store, logger=logger, run_dir=run_dir,
-                        save_adapters=adapter_saver(cfg, am, run_dir), hooks=console_hooks(cfg, echo, verbose))
+                        save_adapters=roles.saver(run_dir) if roles is not None else adapter_saver(cfg, am, run_dir),
+                        hooks=console_hooks(cfg, echo, verbose))
         with disk_errors(run_dir):
             server.run(start_round=start)
             # RunFailed: nothing was trained
