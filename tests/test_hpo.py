@@ -313,3 +313,13 @@ def test_no_adapter_leaks_between_trials_on_the_shared_base(base, tmp_path):
     y = load_file(str(alone.adapter_dir / "adapter_model.safetensors"))
     assert x.keys() == y.keys() and all(torch.equal(x[k], y[k]) for k in x)
     assert cache.loads == 1
+
+
+def test_study_file_is_read_as_strictly_as_a_run_config(tmp_path):
+    """A second ``hpo:`` section would silently replace the first under plain YAML loading."""
+    f = tmp_path / "s.yaml"
+    f.write_text("hpo:\n  n_trials: 4\n  space: {train.lr: [0.1, 0.2]}\nhpo:\n  n_trials: 9\n")
+    with pytest.raises(FedtuneError, match="hpo"):
+        load_study(str(f), [])
+    with pytest.raises(FedtuneError, match="not found"):
+        load_study(str(tmp_path / "missing.yaml"), [])

@@ -32,7 +32,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-import yaml
 
 from fedtune.errors import FedtuneError
 
@@ -75,9 +74,9 @@ def _is_run_dir(p: Path) -> bool:
 
 
 def _read_run_cfg(run_dir: Path) -> Config:
-    from fedtune.config import config_from_dict
+    from fedtune.config import load_saved_config
 
-    return config_from_dict(yaml.safe_load((run_dir / "config.yaml").read_text()) or {})
+    return load_saved_config(run_dir / "config.yaml")  # strict: a damaged file is one error naming it
 
 
 def _adapter_meta(p: Path) -> dict[str, Any]:

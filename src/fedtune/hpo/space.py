@@ -27,7 +27,6 @@ import math
 from pathlib import Path
 from typing import Any, Literal
 
-import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from fedtune.config import Config, _check_keys, apply_overrides, config_from_dict
@@ -194,12 +193,10 @@ def default_direction(objective: str, cfg: Config) -> str:
 
 # ---- loading ------------------------------------------------------------------------------------
 def _read_yaml(path: Path) -> dict[str, Any]:
-    if not path.is_file():
-        raise FedtuneError(f"study file '{path}' not found")
-    try:
-        d = yaml.safe_load(path.read_text()) or {}
-    except yaml.YAMLError as e:
-        raise FedtuneError(f"study file '{path}' is not valid YAML: {e}") from None
+    from fedtune.config import read_yaml_file
+
+    # the run config's strict reader: duplicate keys or sections, aliases, bad encodings are errors
+    d = read_yaml_file(path, "study file") or {}
     if not isinstance(d, dict):
         raise FedtuneError(f"study file '{path}' must hold a mapping of sections, not {type(d).__name__}")
     return d
