@@ -38,7 +38,8 @@ def _recv_exact(sock: socket.socket, n: int) -> bytes:
 def send_frame(sock: socket.socket, header: dict[str, Any], payload: bytes = b"") -> None:
     h = json.dumps(header).encode()
     sock.sendall(_FRAME.pack(len(h), len(payload)) + h)
-    sock.sendall(payload)
+    if payload:  # the frame is complete without it: a peer that has answered and closed may be gone
+        sock.sendall(payload)  # (a second sendall of b"" then raised BrokenPipeError under load)
 
 
 def recv_frame(sock: socket.socket, max_payload: int) -> tuple[dict[str, Any], bytes]:
