@@ -92,22 +92,41 @@ def table(results: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def _load_results(path: str | None, quick: bool) -> dict[str, dict]:
+    """Results an earlier (interrupted) invocation kept in ``path``, by algorithm."""
+    if not path or not Path(path).is_file():
+        return {}
+    rows = [json.loads(line) for line in Path(path).read_text().splitlines() if line.strip()]
+    return {r["algorithm"]: {k: v for k, v in r.items() if k != "quick"} for r in rows if r.get("quick") == quick}
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--quick", action="store_true", help="CI-sized: 4 algorithms, 2 rounds of 2 local steps (full: 12, 3 rounds)")
     ap.add_argument("--algorithms", default=None, help="comma-separated subset (default: all, or the quick set)")
+    ap.add_argument("--results", default=None, metavar="FILE.jsonl",
+                    help="keep each algorithm's result here as it finishes; a rerun skips those already in it "
+                         "(same --quick), so an interrupted benchmark continues")
     args = ap.parse_args(argv)
     names = args.algorithms.split(",") if args.algorithms else (QUICK if args.quick else ALL)
     if "fedavg" not in names:
         names = ["fedavg", *names]
     mon = CpuMonitor()
     results = []
+    done = _load_results(args.results, args.quick)
     with tempfile.TemporaryDirectory(prefix="fedtune-bench-alg-") as tmp:
         for name in names:
+            if name in done:
+                log(f"{name}: kept from {args.results}")
+                results.append(done[name])
+                continue
             log(f"{name} ...")
             r = run_one(name, args.quick, Path(tmp))
             log(f"{name}: test loss {r['test_loss']:.4f}, {r['round_s']:.1f}s per round")
             results.append(r)
+            if args.results:
+                with open(args.results, "a") as f:
+                    f.write(json.dumps({**r, "quick": args.quick}) + "\n")
     print(table(results))
     by = {r["algorithm"]: r for r in results}
     best = min(results, key=lambda r: r["test_loss"])
