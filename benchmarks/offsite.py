@@ -14,7 +14,7 @@ batch 4, Fed-Dolly examples cut to 128 tokens:
 Step time: both models live in this process and their steps are interleaved (one step of each in
 turn, the order alternating), so both see the same background load; the median step of each is
 compared. Peak memory: each arm trains alone in a fresh subprocess, which reports its peak RSS
-(``ru_maxrss``) and its RSS after the imports (the interpreter, torch and transformers, the same in
+(``VmHWM``) and its RSS after the imports (the interpreter, torch and transformers, the same in
 both); ``memory_ratio`` compares the peaks, ``memory_ratio_net`` the peaks less that baseline.
 The one-time download is the emulator file's size (drop 0.5 and drop 0.2), next to the adapter
 message a client receives every round.
@@ -29,7 +29,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import resource
 import statistics
 import subprocess
 import sys
@@ -103,10 +102,17 @@ def child(args) -> None:
     ds = examples(cfg, tok, 4 * (args.steps + 1))
     one = trainer(model, ds, cfg, tok.pad_token_id)
     times = [one() for _ in range(args.steps + 1)][1:]
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    peak = _peak_rss()
     params = sum(p.numel() for p in model.parameters())
     print(json.dumps({"peak_rss_mb": round(peak, 1), "baseline_rss_mb": round(base_rss, 1), "params": params,
                       "median_step_s": statistics.median(times)}))
+
+
+def _peak_rss() -> float:
+    """This process's own peak RSS (VmHWM, MiB). Not ``getrusage().ru_maxrss``: Linux keeps that
+    across fork + exec, so a child of a 4 GB parent reports the parent's 4 GB whatever it does."""
+    with open("/proc/self/status") as f:
+        return next(int(line.split()[1]) for line in f if line.startswith("VmHWM:")) / 1024
 
 
 def _rss_now() -> float:
