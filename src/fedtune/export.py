@@ -91,19 +91,13 @@ def _cast_adapter(path: Path, dtype: str) -> None:
 def _merge(t: Any, dtype: str, tmp: Path) -> dict[str, Any]:
     """Base (fp32) + adapter -> merged weights -> ``dtype`` -> ``save_pretrained(tmp)``."""
     import torch
-    from peft import PeftModel
 
     from fedtune.config import ModelConfig
-    from fedtune.eval.targets import _mismatch, check_base
+    from fedtune.eval.targets import check_base, load_target_adapter
     from fedtune.models import load_model
 
     base, tok = load_model(ModelConfig(name=t.model, dtype="float32"))
-    try:
-        pm = PeftModel.from_pretrained(base, str(t.path), is_trainable=False)
-    except (ValueError, RuntimeError, KeyError, AttributeError) as e:
-        if t.meta.get("base_model") and t.meta["base_model"] != t.model:
-            raise _mismatch(t.path, t.meta, t.model, None) from None
-        raise FedtuneError(f"could not load adapter {t.path} onto '{t.model}': {e}") from None
+    pm = load_target_adapter(base, t)
     check_base(t.path, t.meta, pm, t.model)
     merged = pm.merge_and_unload()
     merged.to(getattr(torch, dtype))

@@ -521,14 +521,22 @@ def _build(cfg: Config, device: torch.device, store: ClientStateStore, base=None
     algorithm = build_algorithm(cfg.fl)
     rt = ClientRuntime(model=am.model, pad_id=am.tokenizer.pad_token_id, cfg=cfg, device=am.device,
                        algorithm=algorithm, store=store)
+    clients, train_clients = make_clients(cfg, rt, tok, am.init)
+    return _Built(am, rt, clients, names, train_clients, algorithm)
+
+
+def make_clients(cfg: Config, rt: ClientRuntime, tok: dict, init) -> tuple[dict[str, FedClient], list[str]]:
+    """The in-process clients (plus the pooled one of the ``global`` scenario) and the ones that
+    train; the algorithm is set up with their sizes and the initial adapter ``init``."""
+    names = list(tok)
     clients: dict[str, FedClient] = {n: FedClient(n, rt, **tok[n]) for n in names}
     if cfg.fl.scenario == "global":
         clients[GLOBAL] = FedClient(GLOBAL, rt, train=_pooled(tok))
         train_clients = [GLOBAL]
     else:
         train_clients = names
-    algorithm_setup(cfg, algorithm, train_clients, {c: clients[c].num_train for c in train_clients}, am.init)
-    return _Built(am, rt, clients, names, train_clients, algorithm)
+    algorithm_setup(cfg, rt.algorithm, train_clients, {c: clients[c].num_train for c in train_clients}, init)
+    return clients, train_clients
 
 
 def start_followers(cfg: Config, target, args: tuple, host: str = "127.0.0.1") -> tuple[str, list]:

@@ -265,22 +265,29 @@ def check_base(adapter_dir: Path, meta: dict[str, Any], pm: Any, base_name: str)
                  meta.get("base_model"))
 
 
+def load_target_adapter(base: Any, t: Target) -> Any:
+    """``t``'s adapter on ``base`` (a PeftModel, for inference): a load failure is one error, which
+    names the base model the adapter was trained on when that is another one."""
+    from peft import PeftModel
+
+    try:
+        return PeftModel.from_pretrained(base, str(t.path), is_trainable=False)
+    except (ValueError, RuntimeError, KeyError, AttributeError) as e:
+        if t.meta.get("base_model") and t.meta["base_model"] != t.model:
+            raise _mismatch(t.path, t.meta, t.model, None) from None
+        raise FedtuneError(f"could not load adapter {t.path} onto '{t.model}': {e}") from None
+
+
 @contextlib.contextmanager
 def _open_adapter(t: Target, cache: ModelCache) -> Iterator[tuple[Any, Any, Any]]:
     import torch
-    from peft import PeftModel
     from peft.tuners.lora import LoraLayer
 
     from fedtune.data import template_from_dict
 
     assert t.path is not None
     base, tok = cache.get(t.model)
-    try:
-        pm = PeftModel.from_pretrained(base, str(t.path), is_trainable=False)
-    except (ValueError, RuntimeError, KeyError, AttributeError) as e:
-        if t.meta.get("base_model") and t.meta["base_model"] != t.model:
-            raise _mismatch(t.path, t.meta, t.model, None) from None
-        raise FedtuneError(f"could not load adapter {t.path} onto '{t.model}': {e}") from None
+    pm = load_target_adapter(base, t)
     lora = pm.active_peft_config.peft_type.value == "LORA"
     # The base model is cached and shared by every target, so it must come back bit-identical.
     # Merging B·A into the weights (one matmul per layer, as fast as the base) and unmerging is not

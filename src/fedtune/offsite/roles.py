@@ -335,9 +335,9 @@ def build_simulation(cfg: Config, device: torch.device, store: ClientStateStore)
     """The simulation's ``_Built``: the server's full model and emulator, and the in-process clients
     on their own emulator model, filled only from the bytes the server sends them."""
     from fedtune.algorithms import build_algorithm
-    from fedtune.client import ClientRuntime, FedClient
+    from fedtune.client import ClientRuntime
     from fedtune.models import load_tokenizer
-    from fedtune.run import AdapterModel, _Built, _pooled, algorithm_setup, load_client_data
+    from fedtune.run import AdapterModel, _Built, load_client_data, make_clients
 
     check_offsite(cfg)
     tokenizer = load_tokenizer(cfg.model)
@@ -349,13 +349,7 @@ def build_simulation(cfg: Config, device: torch.device, store: ClientStateStore)
     algorithm = wrap(cfg, build_algorithm(cfg.fl), server=srv, client=ce)
     rt = ClientRuntime(model=client_model, pad_id=tokenizer.pad_token_id, cfg=cfg, device=device,
                        algorithm=algorithm, store=store)
-    clients: dict[str, FedClient] = {n: FedClient(n, rt, **tok[n]) for n in names}
-    if cfg.fl.scenario == "global":
-        clients[GLOBAL] = FedClient(GLOBAL, rt, train=_pooled(tok))
-        train_clients = [GLOBAL]
-    else:
-        train_clients = names
-    algorithm_setup(cfg, algorithm, train_clients, {c: clients[c].num_train for c in train_clients}, srv.init)
+    clients, train_clients = make_clients(cfg, rt, tok, srv.init)
     am = AdapterModel(model=srv.emulator, tokenizer=srv.tokenizer, init=srv.init, device=device)
     return _Built(am, rt, clients, names, train_clients, algorithm, roles=Roles(srv, clients, list(names)))
 
