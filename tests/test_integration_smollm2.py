@@ -48,7 +48,7 @@ def test_federated_round_on_smollm2_fed_dolly(tmp_path, smol):
     cfg = load_config(None, [
         "data.preset=fed-dolly", f"data.data_dir={DATA}", "data.num_clients=2", "data.max_length=96",
         "data.max_records_per_client=8", "data.max_eval_records_per_client=4", "train.batch_size=2",
-        "train.local_steps=2", "train.lr=1e-3", "train.precision=bf16", "fl.rounds=1", "eval.splits=[val]",
+        "train.local_steps=2", "train.lr=1e-3", "train.precision=auto", "model.dtype=auto", "fl.rounds=1", "eval.splits=[val]",
         f"output.dir={tmp_path / 'run'}", "output.tensorboard=false",
     ])
     res = run(cfg, verbose=False)

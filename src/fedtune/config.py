@@ -17,7 +17,6 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from fedtune.errors import FedtuneError, did_you_mean
 from fedtune.offsite.config import OffsiteConfig
 
-
 #: bounds shared by many fields: counts that size an allocation or a loop stay far below what a
 #: machine can hold (a typo such as ``train.batch_size=10**9`` is an error here, not an out-of-memory
 #: traceback later), and every integer fits the int64 torch and NumPy need.
@@ -40,8 +39,10 @@ class ModelConfig(_Section):
     #: ``smollm2-135m-instruct`` (embedded, offline), ``tiny-llama``/``tiny-qwen2``/``tiny-gpt2``/
     #: ``tiny-opt`` (random, for tests), a local HF directory, a ``.gguf`` file or a hub id.
     name: str = "smollm2-135m-instruct"
-    #: dtype of the frozen base weights; adapters always train in fp32.
-    dtype: Literal["float32", "bfloat16", "float16"] = "float32"
+    #: dtype of the frozen base weights; adapters always train in fp32. ``auto``: ``bfloat16``
+    #: exactly when ``train.precision`` runs as bf16 on this machine, else ``float32``
+    #: (:mod:`fedtune.hardware`).
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "float32"
     #: where dequantised GGUF weights are cached (default: ``~/.cache/fedtune/models``).
     cache_dir: str | None = None
     trust_remote_code: bool = False
@@ -126,7 +127,10 @@ class TrainConfig(_Section):
     grad_accum: int = Field(default=1, ge=1, le=MAX_SIZE)
     max_grad_norm: float | None = Field(default=1.0, gt=0)
     #: autocast dtype of the forward pass; adapter weights and optimizer state stay fp32.
-    precision: Literal["fp32", "bf16", "fp16"] = "fp32"
+    #: ``auto``: bf16 where this device multiplies bf16 natively (CUDA 8.0+, AMX/AVX512-BF16
+    #: CPUs), else fp32 (:mod:`fedtune.hardware`). The default stays fp32 so a config gives the
+    #: same numbers on every machine; the shipped configs say ``auto``.
+    precision: Literal["auto", "fp32", "bf16", "fp16"] = "fp32"
     # --- harden-a (issue 13, item 14): the two fp16 loss-scale fields read by training.make_grad_scaler ---
     #: fp16 only: the loss scale each client's GradScaler starts from (then halved on an overflow,
     #: doubled after ``fp16_growth_interval`` clean steps). torch's own 2^16 made some models skip

@@ -25,6 +25,7 @@ from fedtune.checkpoint import find_resumable_checkpoint, load_checkpoint, resto
 from fedtune.client import ClientRuntime, FedClient
 from fedtune.config import Config, config_from_dict, load_saved_config, save_config
 from fedtune.errors import FedtuneError
+from fedtune.hardware import describe_precision, runtime_config
 from fedtune.logs import attach_log_file
 from fedtune.metrics import MetricsLogger
 from fedtune.models import load_model
@@ -428,6 +429,7 @@ def run(cfg: Config, resume: Path | str | None = None, *, verbose: bool = True, 
     # (in _build), then the config against them (preflight_run).
     device = rank_device(resolve_device(cfg.train.device, "train.device"), 0)
     rd = plan_run_dir(cfg, Path(resume) if resume else None)  # locks an existing directory
+    written, cfg = cfg, runtime_config(cfg, device)  # precision/dtype `auto` resolved for this device
     cluster, followers, threads, b = None, [], torch.get_num_threads(), None
     try:
         seed_everything(cfg.seed)
@@ -440,8 +442,10 @@ def run(cfg: Config, resume: Path | str | None = None, *, verbose: bool = True, 
         task_eval = _task_evaluator(cfg, b, echo)
         if followers:
             cluster = join_cluster(b.rt, 0, cfg, addr)
-        with rd.setting_up(cfg):
+        with rd.setting_up(written):
             server, logger, start = _setup_server(cfg, b, rd.path, resume, echo, verbose, task_eval)
+        if "auto" in (written.train.precision, written.model.dtype):
+            echo(f"precision: {describe_precision(written.train.precision, device)}, base weights {cfg.model.dtype}")
         if on_round_end is not None:  # after the console's own hook (the round table is printed first)
             server.hooks.on_round_end = _chain(server.hooks.on_round_end, lambda rnd, row, _: on_round_end(rnd, row))
         attach_log_file(rd.path / "run.log")  # library warnings so far and from now on (fedtune.logs)
@@ -584,6 +588,7 @@ def follower_main(rank: int, world: int, addr: str, cfg_dict: dict, build=None, 
     cfg = config_from_dict(cfg_dict)
     seed_everything(cfg.seed)
     device, store = rank_device(resolve_device(cfg.train.device), rank), ClientStateStore(None)
+    cfg = runtime_config(cfg, device)
     if build is None:
         b = _build(cfg, device, store)
         rt, clients = b.rt, b.clients

@@ -23,6 +23,7 @@ import torch
 import torch.nn.functional as F
 
 from fedtune.config import TrainConfig
+from fedtune.hardware import resolve_precision
 from fedtune.utils import derive_seed
 
 if TYPE_CHECKING:
@@ -157,7 +158,9 @@ def make_grad_scaler(train_cfg: TrainConfig, device: torch.device | str, saved_s
 
 
 def autocast_context(precision: str, device: torch.device):
-    """bf16/fp16 autocast for the forward pass; the adapter weights themselves stay fp32."""
+    """bf16/fp16 autocast for the forward pass; the adapter weights themselves stay fp32.
+    ``auto`` is resolved for ``device`` (:func:`fedtune.hardware.resolve_precision`)."""
+    precision = resolve_precision(precision, device)
     if precision == "fp32":
         return nullcontext()
     dtype = torch.bfloat16 if precision == "bf16" else torch.float16

@@ -47,8 +47,8 @@ from typing import Any
 
 from fedtune.config import Config
 from fedtune.errors import FedtuneError
-from fedtune.state import ClientState, ClientStateStore, _decode_state, _encode_state
 from fedtune.flower.wire import MAX_MESSAGE_BYTES, PolicyError, recv_frame, send_frame
+from fedtune.state import ClientState, ClientStateStore, _decode_state, _encode_state
 from fedtune.utils import atomic_write_bytes, safe_name
 
 log = logging.getLogger(__name__)
@@ -234,9 +234,11 @@ def build_node_clients(cfg: Config, device, store: ClientStateStore, spec: NodeS
     same way by the node and, in clustered mode, by each of its follower processes."""
     from fedtune.algorithms import build_algorithm
     from fedtune.client import ClientRuntime, FedClient
+    from fedtune.hardware import runtime_config
     from fedtune.models import load_model
     from fedtune.run import build_adapter_model, load_client_data
 
+    cfg = runtime_config(cfg, device)  # precision/dtype `auto` resolved for this node's device
     if cfg.offsite.enabled:  # offsite tuning: an emulator skeleton, filled from what the server sends once
         from fedtune.offsite.roles import node_clients
 

@@ -61,6 +61,14 @@ class RungReached(Exception):
     """Raised by the round-end hook to stop a ``sync_sha`` trial at its rung (not an error)."""
 
 
+def _runtime_model(cfg):
+    """The model section as the trial's run will load it (``model.dtype: auto`` resolved)."""
+    from fedtune.hardware import runtime_config
+    from fedtune.utils import resolve_device
+
+    return runtime_config(cfg, resolve_device(cfg.train.device)).model
+
+
 # ---- the base model, loaded once --------------------------------------------------------------
 class BaseCache:
     """The loaded base model of the last ``cfg.model`` asked for (one entry: memory for one model)."""
@@ -329,7 +337,7 @@ class Runner:
             if done is None or done < (stop_at or rep.total):
                 self.runs += 1
                 run(cfg, resume=run_dir if done is not None else None, verbose=False,
-                    base=self.cache.get(cfg.model), on_round_end=rep)
+                    base=self.cache.get(_runtime_model(cfg)), on_round_end=rep)
         except optuna.TrialPruned:
             status = "pruned"
         except RungReached:

@@ -28,6 +28,7 @@ from typing import TYPE_CHECKING
 import torch
 
 from fedtune.errors import FedtuneError
+from fedtune.hardware import resolve_dtype
 
 if TYPE_CHECKING:
     from transformers import PreTrainedModel, PreTrainedTokenizerBase
@@ -428,9 +429,14 @@ def _build_tiny(cfg: ModelConfig, vocab_size: int) -> PreTrainedModel:
     return model
 
 
-def load_model(cfg: ModelConfig) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
-    """Return ``(model, tokenizer)``; the model is in eval mode with all weights frozen."""
+def load_model(cfg: ModelConfig, *, precision: str = "auto", device: torch.device | None = None
+               ) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
+    """Return ``(model, tokenizer)``; the model is in eval mode with all weights frozen.
+    ``model.dtype: auto`` is resolved against the run's ``precision`` on ``device``."""
     from transformers import AutoModelForCausalLM
+
+    if cfg.dtype == "auto":
+        cfg = cfg.model_copy(update={"dtype": resolve_dtype(cfg.dtype, precision, device)})
 
     if cfg.name in TINY_MODELS:
         tok = _tiny_tokenizer(cfg)
