@@ -11,6 +11,7 @@ import io
 import json
 import logging
 import resource
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -22,8 +23,20 @@ log = logging.getLogger(__name__)
 
 
 def peak_rss_mb() -> float:
-    """Peak resident set size of this process so far (Linux reports KiB)."""
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    """Peak resident set size of this process so far, in MiB.
+
+    Linux: ``VmHWM`` of /proc/self/status — ``ru_maxrss`` is inherited across fork + exec, so a run
+    started by a bigger process (a test runner, a benchmark, ``fedtune hpo``) would report the
+    parent's peak instead of its own. Elsewhere ``ru_maxrss`` (KiB on Linux/BSD, bytes on macOS)."""
+    try:
+        with open("/proc/self/status", encoding="ascii", errors="replace") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) / 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return peak / 2**20 if sys.platform == "darwin" else peak / 1024
 
 
 def gpu_peak_mb() -> float | None:
