@@ -5,10 +5,12 @@ Every setting ("arm") trains the same LoRA (r=8, from the same initial weights) 
 SmolLM2-135M-Instruct over the same Fed-Dolly examples, one full pass per repeat, and counts only
 real (non-padding) tokens.
 
-* ``ours_bf16_b8`` (headline): :func:`fedtune.training.train_local` with its
-  :class:`~fedtune.training.BatchStream` (length-grouped batches), batch size 8, bf16 autocast
-  (adapter weights and optimizer state stay fp32), gradient clipping at 1.0 (fedtune's default),
-  and the LM head run only on positions that predict a label (``fedtune.training.lm_loss``).
+* ``ours_b8`` (headline): :func:`fedtune.training.train_local` with its
+  :class:`~fedtune.training.BatchStream` (length-grouped batches), batch size 8,
+  ``train.precision: auto`` (bf16 autocast where this machine multiplies bf16 natively, else
+  fp32: :mod:`fedtune.hardware`; adapter weights and optimizer state stay fp32), gradient
+  clipping at 1.0 (fedtune's default), and the LM head run only on positions that predict a label
+  (``fedtune.training.lm_loss``).
 * ``fsllm_fp32_b1`` (baseline): the loop FS-LLM's ``LLMTrainer`` runs (federatedscope/llm/trainer/
   trainer.py, ``llm`` branch): a ``torch.utils.data.DataLoader`` with ``shuffle=True`` and batch
   size 1 (the Fed-Dolly configs' ``dataloader.batch_size: 1``), fp32, no length bucketing,
@@ -21,9 +23,17 @@ real (non-padding) tokens.
   lengths (FS-LLM's ``input_ids != pad_id`` would also mask the final EOS, as SmolLM2's pad token
   is its EOS), and the optimizer is AdamW like ours (FS-LLM's default is SGD; the optimizer step
   is a negligible part of a step here). FS-LLM does not clip gradients by default.
-* intermediate arms (ours in fp32 at batch 8, ours in bf16 at batch 1, ours with FS-LLM's
-  settings fp32 batch 1, ours bf16 batch 8 without length grouping, ours bf16 batch 8 with the
-  LM head on every position as HF's loss does) show where the speed comes from.
+* intermediate arms show where the speed comes from: ours with FS-LLM's settings (fp32, batch 1),
+  ours at batch 8 without length grouping, with the LM head on every position (HF's loss),
+  without LoRA dropout (``peft.dropout=0``: what the dropout masks cost), and in the precision
+  ``auto`` did *not* pick (bf16 where it is emulated, fp32 where bf16 is native).
+
+Model FLOP utilisation (``mfu``): useful training FLOPs per second (:func:`fedtune.flops.step_flops`:
+frozen-base forward + input gradients, LoRA forward + backward, causal attention, the LM head where
+the arm runs it; padding never counted) divided by the best matmul rate this machine reaches,
+measured by this script in the same run (``F.linear`` at the model's shapes, fp32 and bf16, best of
+several repeats before and after the arms; the larger of the two is the peak, so an arm cannot
+score above 100% by using the faster precision).
 
 The machine is shared and noisy, so the arms are interleaved finely: the examples are processed
 in chunks of 8, and every arm does its next chunk before any arm does the one after (the order
@@ -31,8 +41,10 @@ rotates every chunk). All arms therefore see the same background load. The CPU t
 processes used during the measurement is reported (``other_cpu_cores``); with 2 cores,
 oversubscription slows batch-1 loops far more than batch-8 ones, so a contended run is flagged.
 
-Usage: ``python benchmarks/train_throughput.py [--quick]``. Progress goes to stderr; the last line
-of stdout is one JSON object whose ``ratio`` is ours_bf16_b8 / fsllm_fp32_b1 tokens per second.
+Usage: ``python benchmarks/train_throughput.py [--quick]``; ``--quick`` runs the headline pair only,
+one pass over the same 32 examples the full run uses (each arm warm, 4 interleaved chunks), so it
+reads within a few percent of the full run. Progress goes to stderr; the last line of stdout is
+one JSON object whose ``ratio`` is ours_b8 / fsllm_fp32_b1 tokens per second.
 """
 
 from __future__ import annotations
@@ -142,10 +154,33 @@ class Arm:
         pass
 
 
+@contextlib.contextmanager
+def _no_lora_dropout(pm):
+    """peft.dropout=0 for the block: every LoRA dropout module is an Identity, as peft builds it."""
+    import torch
+
+    swapped = []
+    for m in pm.modules():
+        drops = getattr(m, "lora_dropout", None)
+        if isinstance(drops, torch.nn.ModuleDict):
+            for k in list(drops):
+                swapped.append((drops, k, drops[k]))
+                drops[k] = torch.nn.Identity()
+    try:
+        yield
+    finally:
+        for drops, k, mod in swapped:
+            drops[k] = mod
+
+
 class OursArm(Arm):
     def __init__(self, name, pm, params, init, ds, pad_id, lr, seed, *, batch_size, precision, group=True,
-                 label_logits=True):
+                 label_logits=True, dropout=True):
         import torch
+
+        from fedtune.hardware import resolve_precision
+
+        precision = resolve_precision(precision, torch.device("cpu"))
 
         from fedtune.config import TrainConfig
         from fedtune.training import BatchStream, make_optimizer
@@ -158,8 +193,8 @@ class OursArm(Arm):
         self.opt = make_optimizer(params, self.tcfg)
         self.step = 0
         self.device = torch.device("cpu")
-        self.label_logits = label_logits
-        self.settings = {"trainer": "fedtune.training.train_local", "batch_size": batch_size,
+        self.label_logits, self.dropout = label_logits, dropout
+        self.settings = {"trainer": "fedtune.training.train_local", "batch_size": batch_size, "lora_dropout": dropout,
                          "precision": precision, "group_by_length": group, "max_grad_norm": self.tcfg.max_grad_norm,
                          "lm_head_on_labelled_positions_only": label_logits}
 
@@ -175,7 +210,7 @@ class OursArm(Arm):
         # label_logits=False: train_local as it is, but with the LM head on every position (HF's loss)
         full = contextlib.nullcontext() if self.label_logits else \
             mock.patch("fedtune.training.label_logits_supported", lambda model: False)
-        with full:
+        with full, (contextlib.nullcontext() if self.dropout else _no_lora_dropout(self.pm)):
             stats = train_local(self.pm, self.ds, self.stream, self.opt, self.tcfg, steps=steps,
                                 start_step=self.step, total_steps=10**9, pad_id=self.pad_id, device=self.device)
         self.step += steps
@@ -222,18 +257,47 @@ class FSLLMArm(Arm):
         return tokens, padded, seconds, steps, loss_sum
 
 
+def matmul_peak(dtype, shapes, repeats: int = 5) -> float:
+    """Best FLOP/s of ``F.linear`` at ``shapes`` ((tokens, in, out) of the model's layers) in
+    ``dtype``: the hardware's reachable matmul rate, measured here and now."""
+    import torch
+    import torch.nn.functional as F
+
+    best = 0.0
+    for t, i, o in shapes:
+        x, w = torch.randn(t, i, dtype=dtype), torch.randn(o, i, dtype=dtype)
+        F.linear(x, w)  # warm
+        for _ in range(repeats):
+            t0 = time.perf_counter()
+            for _ in range(3):
+                F.linear(x, w)
+            best = max(best, 3 * 2 * t * i * o / (time.perf_counter() - t0))
+    return best
+
+
+def pass_flops(arm, ds, config, lora_r: int, targets) -> float:
+    """Useful FLOPs of one pass of ``arm`` over ``ds`` (fedtune.flops.step_flops per example)."""
+    from fedtune.flops import step_flops
+    from fedtune.training import IGNORE
+
+    labelled = sum(sum(1 for t in lab[1:] if t != IGNORE) for lab in ds.labels)
+    head = labelled if getattr(arm, "label_logits", False) else sum(ds.lengths)
+    return step_flops(config, ds.lengths, head, lora_r=lora_r, lora_targets=targets)["total"]
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--quick", action="store_true", help="CI-sized run (a minute or two on 2 idle cores)")
-    ap.add_argument("--examples", type=int, default=None, help="examples per pass, a multiple of 8 (default 32; quick 8)")
+    ap.add_argument("--quick", action="store_true", help="the headline pair, one pass (a few minutes on 2 cores)")
+    ap.add_argument("--examples", type=int, default=32, help="examples per pass, a multiple of 8 (default 32)")
     ap.add_argument("--repeats", type=int, default=None, help="passes over the examples per arm (default 2; quick 1)")
     ap.add_argument("--max-length", type=int, default=256)
     ap.add_argument("--no-intermediate", action="store_true", help="only the headline pair")
     args = ap.parse_args()
-    n = args.examples or (8 if args.quick else 32)
+    n = args.examples
     if n % CHUNK:
         raise SystemExit(f"--examples must be a multiple of {CHUNK}")
     repeats = args.repeats or (1 if args.quick else 2)
+    intermediate = not (args.quick or args.no_intermediate)
     lr = 3e-4
     t_start = time.perf_counter()
 
@@ -241,33 +305,44 @@ def main() -> None:
 
     from fedtune.adapters import attach_adapter, get_adapter_state, trainable_parameters
     from fedtune.config import ModelConfig, PeftConfig
-    from fedtune.models import load_model
+    from fedtune.hardware import resolve_precision
+    from fedtune.models import ARCHITECTURES, load_model
 
+    auto = resolve_precision("auto", torch.device("cpu"))
+    other = "bf16" if auto == "fp32" else "fp32"
     with contextlib.redirect_stdout(sys.stderr):
-        log(f"loading SmolLM2 (torch {torch.__version__}, {torch.get_num_threads()} threads)")
+        log(f"loading SmolLM2 (torch {torch.__version__}, {torch.get_num_threads()} threads; "
+            f"precision auto -> {auto} here)")
         model, tok = load_model(ModelConfig(name="smollm2-135m-instruct"))
         ds = pick_examples(n, args.max_length, tok)
         lengths = ds.lengths
         log(f"{len(ds)} Fed-Dolly examples, {sum(lengths)} real tokens per pass (mean {statistics.mean(lengths):.1f}, "
             f"min {min(lengths)}, max {max(lengths)}, {ds.num_truncated} truncated to {args.max_length})")
+        c = model.config
+        shapes = [(8 * int(statistics.mean(lengths)), c.hidden_size, c.intermediate_size),
+                  (8 * int(statistics.mean(lengths)), c.intermediate_size, c.hidden_size)]
+        peaks = {"fp32": matmul_peak(torch.float32, shapes), "bf16": matmul_peak(torch.bfloat16, shapes)}
         torch.manual_seed(0)
-        pm = attach_adapter(model, PeftConfig(method="lora", r=8))
+        pcfg = PeftConfig(method="lora", r=8)
+        pm = attach_adapter(model, pcfg)
+        targets = ARCHITECTURES[c.model_type].lora_targets
         params = [p for _, p in trainable_parameters(pm)]
         init = get_adapter_state(pm)
         pad = tok.pad_token_id
 
         def make_arms():
             arms = [FSLLMArm("fsllm_fp32_b1", pm, params, init, ds, pad, lr, seed=1),
-                    OursArm("ours_bf16_b8", pm, params, init, ds, pad, lr, seed=1, batch_size=8, precision="bf16")]
-            if not args.no_intermediate:
+                    OursArm("ours_b8", pm, params, init, ds, pad, lr, seed=1, batch_size=8, precision="auto")]
+            if intermediate:
                 arms += [
-                    OursArm("ours_fp32_b8", pm, params, init, ds, pad, lr, seed=1, batch_size=8, precision="fp32"),
-                    OursArm("ours_bf16_b1", pm, params, init, ds, pad, lr, seed=1, batch_size=1, precision="bf16"),
                     OursArm("ours_fp32_b1", pm, params, init, ds, pad, lr, seed=1, batch_size=1, precision="fp32"),
-                    OursArm("ours_bf16_b8_nogroup", pm, params, init, ds, pad, lr, seed=1, batch_size=8,
-                            precision="bf16", group=False),
-                    OursArm("ours_bf16_b8_full_logits", pm, params, init, ds, pad, lr, seed=1, batch_size=8,
-                            precision="bf16", label_logits=False),
+                    OursArm("ours_b8_nogroup", pm, params, init, ds, pad, lr, seed=1, batch_size=8,
+                            precision="auto", group=False),
+                    OursArm("ours_b8_full_logits", pm, params, init, ds, pad, lr, seed=1, batch_size=8,
+                            precision="auto", label_logits=False),
+                    OursArm("ours_b8_no_dropout", pm, params, init, ds, pad, lr, seed=1, batch_size=8,
+                            precision="auto", dropout=False),
+                    OursArm(f"ours_{other}_b8", pm, params, init, ds, pad, lr, seed=1, batch_size=8, precision=other),
                 ]
             return arms
 
@@ -287,6 +362,8 @@ def main() -> None:
                 f"{a.name} {a.cur['tokens'] / a.cur['seconds']:.0f}" if a.cur["seconds"] else
                 f"{a.name} {a.passes[-1]['tokens_per_s']:.0f}" for a in arms) + " tok/s")
         load = mon.result()
+        for dt, v in (("fp32", torch.float32), ("bf16", torch.bfloat16)):  # again after: the better reading
+            peaks[dt] = max(peaks[dt], matmul_peak(v, shapes))
     for a in arms:
         for p in a.passes:
             if p["tokens"] != sum(lengths) or p["examples"] != n:
@@ -294,8 +371,12 @@ def main() -> None:
                                  f"expected {n} / {sum(lengths)}")
 
     med = {a.name: statistics.median(p["tokens_per_s"] for p in a.passes) for a in arms}
+    secs = {a.name: statistics.median(p["seconds"] for p in a.passes) for a in arms}
+    flops = {a.name: pass_flops(a, ds, c, pcfg.r, targets) for a in arms}
+    peak = max(peaks.values())
+    mfu = {k: flops[k] / secs[k] / peak for k in med}
     base = med["fsllm_fp32_b1"]
-    ratio = med["ours_bf16_b8"] / base
+    ratio = med["ours_b8"] / base
     contended = load["other_cpu_cores"] > 0.25
     if contended:
         log(f"WARNING: other processes used {load['other_cpu_cores']:.2f} cores on average during the "
@@ -303,12 +384,17 @@ def main() -> None:
     out = {
         "benchmark": "train_throughput",
         "ratio": round(ratio, 4),
-        "target": ">= 1.5",
-        "meets_target": ratio >= 1.5,
+        "mfu": round(mfu["ours_b8"], 4),
+        "target": "ratio >= 3, mfu >= 0.35",
+        "meets_target": ratio >= 3 and mfu["ours_b8"] >= 0.35,
         "quick": args.quick,
         "contended": contended,
+        "precision_auto": auto,
+        "matmul_peak_gflops": {k: round(v / 1e9, 1) for k, v in peaks.items()},
         "tokens_per_s_median": {k: round(v, 2) for k, v in med.items()},
         "ratio_vs_fsllm": {k: round(v / base, 4) for k, v in med.items()},
+        "mfu_by_arm": {k: round(v, 4) for k, v in mfu.items()},
+        "useful_gflop_per_pass": {k: round(v / 1e9, 1) for k, v in flops.items()},
         "padding_fraction": {a.name: round(1 - a.passes[0]["tokens"] / a.passes[0]["padded_tokens"], 4) for a in arms},
         "passes": {a.name: [{k: (round(v, 4) if isinstance(v, float) else v) for k, v in p.items()} for p in a.passes]
                    for a in arms},
@@ -321,7 +407,7 @@ def main() -> None:
             "examples_per_pass": n, "real_tokens_per_pass": sum(lengths), "max_length": args.max_length,
             "passes_per_arm": repeats, "interleave_chunk_examples": CHUNK, "lr": lr, "optimizer": "adamw",
             "torch": torch.__version__, "threads": torch.get_num_threads(), "cpu_count": os.cpu_count(),
-            "machine": platform.machine(),
+            "machine": platform.machine(), "cpu_capability": torch.backends.cpu.get_cpu_capability(),
         },
         "seconds_total": round(time.perf_counter() - t_start, 1),
     }
