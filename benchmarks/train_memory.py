@@ -59,7 +59,7 @@ def child_fedtune(args) -> dict:
     import psutil
     import torch
 
-    import fedtune.client as fc
+    import fedtune.training as ft
     from fedtune.config import load_config
     from fedtune.hardware import runtime_config
     from fedtune.run import run
@@ -68,18 +68,19 @@ def child_fedtune(args) -> dict:
     rss: dict[int, float] = {}
     longest: dict[int, int] = {}
     seen = [0]  # the largest training batch so far (tokens incl. padding): a new one may raise the peak
-    real_collate = fc.collate
+    real_collate = ft.collate
 
     def collate(*a, **kw):
         batch = real_collate(*a, **kw)
-        seen[0] = max(seen[0], batch["input_ids"].numel())
+        if torch.is_grad_enabled():  # a training batch (evaluation runs under no_grad)
+            seen[0] = max(seen[0], batch["input_ids"].numel())
         return batch
 
     def at_round_end(rnd, row):
         peaks[rnd], rss[rnd] = round(_vmhwm_mb(), 1), round(psutil.Process().memory_info().rss / 2**20, 1)
         longest[rnd] = seen[0]
 
-    fc.collate = collate  # observes the training batches only; fedtune's code runs unchanged
+    ft.collate = collate  # observes the training batches; fedtune's code runs unchanged
     with tempfile.TemporaryDirectory(prefix="fedtune-bench-mem-") as tmp:
         cfg = load_config(CONFIG, _overrides(args, str(Path(tmp) / "run")))
         t0 = time.perf_counter()

@@ -342,7 +342,6 @@ def main() -> None:
                             precision="auto", label_logits=False),
                     OursArm("ours_b8_no_dropout", pm, params, init, ds, pad, lr, seed=1, batch_size=8,
                             precision="auto", dropout=False),
-                    OursArm(f"ours_{other}_b8", pm, params, init, ds, pad, lr, seed=1, batch_size=8, precision=other),
                 ]
             return arms
 
@@ -362,6 +361,11 @@ def main() -> None:
                 f"{a.name} {a.cur['tokens'] / a.cur['seconds']:.0f}" if a.cur["seconds"] else
                 f"{a.name} {a.passes[-1]['tokens_per_s']:.0f}" for a in arms) + " tok/s")
         load = mon.result()
+        probe = None
+        if intermediate:  # the precision auto did not pick: one chunk (emulated bf16 runs ~20x slower here)
+            probe = OursArm(f"ours_{other}_b8", pm, params, init, ds, pad, lr, seed=1, batch_size=8, precision=other)
+            probe.chunk(CHUNK)  # not warmed separately: the other arms warmed the model; one step is minutes
+            log(f"{probe.name}: {probe.cur['tokens'] / probe.cur['seconds']:.1f} tok/s over one chunk")
         for dt, v in (("fp32", torch.float32), ("bf16", torch.bfloat16)):  # again after: the better reading
             peaks[dt] = max(peaks[dt], matmul_peak(v, shapes))
     for a in arms:
@@ -375,6 +379,11 @@ def main() -> None:
     flops = {a.name: pass_flops(a, ds, c, pcfg.r, targets) for a in arms}
     peak = max(peaks.values())
     mfu = {k: flops[k] / secs[k] / peak for k in med}
+    if probe is not None:
+        med[probe.name] = probe.cur["tokens"] / probe.cur["seconds"]
+        secs[probe.name] = probe.cur["seconds"] / (probe.cur["tokens"] / sum(lengths))
+        flops[probe.name] = pass_flops(probe, ds, c, pcfg.r, targets)
+        mfu[probe.name] = flops[probe.name] / secs[probe.name] / peak
     base = med["fsllm_fp32_b1"]
     ratio = med["ours_b8"] / base
     contended = load["other_cpu_cores"] > 0.25
@@ -396,9 +405,11 @@ def main() -> None:
         "mfu_by_arm": {k: round(v, 4) for k, v in mfu.items()},
         "useful_gflop_per_pass": {k: round(v / 1e9, 1) for k, v in flops.items()},
         "padding_fraction": {a.name: round(1 - a.passes[0]["tokens"] / a.passes[0]["padded_tokens"], 4) for a in arms},
+        "other_precision_probe": None if probe is None else {
+            "arm": probe.name, "examples": CHUNK, "tokens": probe.cur["tokens"], "seconds": round(probe.cur["seconds"], 2)},
         "passes": {a.name: [{k: (round(v, 4) if isinstance(v, float) else v) for k, v in p.items()} for p in a.passes]
                    for a in arms},
-        "arms": {a.name: a.settings for a in arms},
+        "arms": {a.name: a.settings for a in arms + ([probe] if probe else [])},
         "background_load": load,
         "settings": {
             "model": "smollm2-135m-instruct",

@@ -19,9 +19,8 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Protocol
 
-
-
 from fedtune.codecs.base import TensorSpec
+from fedtune.hardware import release_free_memory
 from fedtune.messages import Message, MessageError, decode, encode
 
 log = logging.getLogger(__name__)
@@ -69,6 +68,7 @@ def handle_on_client(client, kind: str, data: bytes) -> bytes:
         answer = client.evaluate(received)
     else:
         answer = client.exchange(kind, received)
+    release_free_memory()  # this client's activations are all free now (see fedtune.hardware)
     return encode(answer)
 
 
