@@ -75,10 +75,13 @@ def flatten(d: Any, prefix: str = "") -> dict[str, Any]:
     return out
 
 
-def _num(v: Any) -> float | None:
+def _num(v: Any) -> float | int | None:
+    """A finite number from a metrics row (ints stay ints: counts print as counts), else None."""
     if isinstance(v, bool) or not isinstance(v, (int, float)):
         return None
-    return None if isinstance(v, float) and not math.isfinite(v) else float(v)
+    if isinstance(v, int):
+        return v
+    return v if math.isfinite(v) else None
 
 
 @dataclass

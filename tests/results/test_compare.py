@@ -91,3 +91,12 @@ def test_compare_real_fed_and_local_runs(tiny_runs, tmp_path, capsys):
     assert "| config: fl.scenario | fed | local |" in out
     assert "## val loss per client" in out and "| alpha |" in out
     assert (tmp_path / "c" / "compare.png").stat().st_size > 10_000
+
+
+def test_counts_print_as_counts_and_non_numbers_are_skipped():
+    from fedtune.compare import _fmt, _num
+
+    assert _fmt(_num(100)) == "100"  # num_train, tokens: not 100.0000
+    assert _fmt(_num(2.5)) == "2.5000"
+    assert _num(float("nan")) is None and _num(float("inf")) is None
+    assert _num(True) is None and _num("3") is None
