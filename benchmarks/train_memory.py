@@ -49,12 +49,6 @@ def _overrides(args, out_dir: str) -> list[str]:
             f"output.dir={out_dir}", "output.tensorboard=false"] + list(args.set or [])
 
 
-def _vmhwm_mb() -> float:
-    from fedtune.metrics import peak_rss_mb
-
-    return peak_rss_mb()
-
-
 def child_fedtune(args) -> dict:
     import psutil
     import torch
@@ -62,6 +56,7 @@ def child_fedtune(args) -> dict:
     import fedtune.training as ft
     from fedtune.config import load_config
     from fedtune.hardware import runtime_config
+    from fedtune.metrics import peak_rss_mb
     from fedtune.run import run
 
     peaks: dict[int, float] = {}
@@ -77,7 +72,7 @@ def child_fedtune(args) -> dict:
         return batch
 
     def at_round_end(rnd, row):
-        peaks[rnd], rss[rnd] = round(_vmhwm_mb(), 1), round(psutil.Process().memory_info().rss / 2**20, 1)
+        peaks[rnd], rss[rnd] = round(peak_rss_mb(), 1), round(psutil.Process().memory_info().rss / 2**20, 1)
         longest[rnd] = seen[0]
 
     ft.collate = collate  # observes the training batches; fedtune's code runs unchanged
@@ -100,6 +95,7 @@ def child_bare(args) -> dict:
 
     from fedtune.config import load_config
     from fedtune.hardware import runtime_config
+    from fedtune.metrics import peak_rss_mb
     from fedtune.models import (  # the model file and its module names only
         ARCHITECTURES,
         load_model,
@@ -128,7 +124,7 @@ def child_bare(args) -> dict:
         loss.backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
-    return {"peak_mb": round(_vmhwm_mb(), 1), "seconds": round(time.perf_counter() - t0, 1), "steps": steps,
+    return {"peak_mb": round(peak_rss_mb(), 1), "seconds": round(time.perf_counter() - t0, 1), "steps": steps,
             "longest_batch_tokens": max(len(e[0]) for e in examples[:bs]) * bs,
             "precision": cfg.train.precision, "model_dtype": cfg.model.dtype}
 

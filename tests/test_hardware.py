@@ -66,18 +66,13 @@ def test_runtime_config_resolves_a_copy_and_leaves_the_written_config_alone(flag
 def test_a_run_with_auto_stores_the_base_in_bf16_where_bf16_is_native(tmp_path, flags, monkeypatch):
     """On a (pretend) bf16 CPU: the frozen base is bf16, the adapter fp32, config.yaml keeps
     ``auto``, and a crashed run resumes under the same config."""
-    import json
-
     import yaml
+    from test_e2e import _write_data, crash_then_resume
 
-    from fedtune.run import build_adapter_model, run
-    from fedtune.server import Server
+    from fedtune.run import build_adapter_model
 
     flags("amx_bf16")
-    data = tmp_path / "toy.jsonl"
-    data.write_text("".join(json.dumps({"instruction": f"Say {w} {i}", "output": " ".join([w] * (1 + i % 4)),
-                                        "category": c}) + "\n"
-                            for c, w in (("a", "apple"), ("b", "banana")) for i in range(10)))
+    data = _write_data(tmp_path / "toy.jsonl", n_per_cat=7)
     cfg = load_config(None, [
         "model.name=tiny-llama", f"data.source={data}", "data.splitter=meta", "data.num_clients=2",
         "data.label_field=category", "data.max_length=32", f"data.cache_dir={tmp_path / 'tok'}",
@@ -89,19 +84,8 @@ def test_a_run_with_auto_stores_the_base_in_bf16_where_bf16_is_native(tmp_path, 
     assert {p.dtype for _, p in params if not p.requires_grad} == {torch.bfloat16}
     assert {p.dtype for _, p in params if p.requires_grad} == {torch.float32}
 
-    real = Server.run_round
-
-    def crash(self, rnd):
-        if rnd == 2:
-            raise RuntimeError("simulated crash")
-        return real(self, rnd)
-
-    monkeypatch.setattr(Server, "run_round", crash)
-    with pytest.raises(RuntimeError, match="simulated crash"):
-        run(cfg, verbose=False)
-    monkeypatch.setattr(Server, "run_round", real)
+    res = crash_then_resume(monkeypatch, cfg, tmp_path / "run", 2)
     saved = yaml.safe_load((tmp_path / "run" / "config.yaml").read_text())
     assert saved["train"]["precision"] == "auto" and saved["model"]["dtype"] == "auto"
-    res = run(cfg, resume=tmp_path / "run", verbose=False)
     rounds = [r for r in res.rows if r["kind"] == "round"]
     assert [r["round"] for r in rounds][-1] == 2 and all(r["val_loss"] == r["val_loss"] for r in rounds)

@@ -26,18 +26,22 @@ class DS:
         return len(self.input_ids)
 
 
-@pytest.fixture(scope="module")
-def peft_model():
+def _tiny_lora(dropout: float):
+    """tiny-llama + LoRA r=4 with non-zero B (so gradients reach A too): ``(model, tokenizer)``."""
     from fedtune.models import load_model
 
     model, tok = load_model(ModelConfig(name="tiny-llama"))
     torch.manual_seed(0)
-    pm = attach_adapter(model, PeftConfig(r=4, dropout=0.0))
-    # non-zero LoRA B so gradients reach A too
+    pm = attach_adapter(model, PeftConfig(r=4, dropout=dropout))
     with torch.no_grad():
         for n, p in trainable_parameters(pm):
             p.normal_(0, 0.02)
     return pm, tok
+
+
+@pytest.fixture(scope="module")
+def peft_model():
+    return _tiny_lora(0.0)
 
 
 def test_batch_stream_epochs_cover_every_example_once():
@@ -380,14 +384,7 @@ def test_train_local_follows_a_plain_torch_loop_step_for_step():
     stream, clipping, LoRA dropout on) against a loop written here from torch and HF alone
     (right-padding by hand, HF's full-logits loss, clip_grad_norm_, AdamW) on the same batches from
     the same RNG state: the same loss at every step and the same adapter after, to fp32 rounding."""
-    from fedtune.models import load_model
-
-    model, _ = load_model(ModelConfig(name="tiny-llama"))
-    torch.manual_seed(0)
-    pm = attach_adapter(model, PeftConfig(r=4, dropout=0.1))
-    with torch.no_grad():
-        for _, p in trainable_parameters(pm):
-            p.normal_(0, 0.02)
+    pm, _ = _tiny_lora(0.1)
     init, data, steps = get_adapter_state(pm), DS(16, seed=3), 6
     cfg = TrainConfig(batch_size=4, lr=1e-2, max_grad_norm=1.0)
     params = [p for _, p in trainable_parameters(pm)]

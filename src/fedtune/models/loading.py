@@ -429,14 +429,14 @@ def _build_tiny(cfg: ModelConfig, vocab_size: int) -> PreTrainedModel:
     return model
 
 
-def load_model(cfg: ModelConfig, *, precision: str = "auto", device: torch.device | None = None
-               ) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
+def load_model(cfg: ModelConfig) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
     """Return ``(model, tokenizer)``; the model is in eval mode with all weights frozen.
-    ``model.dtype: auto`` is resolved against the run's ``precision`` on ``device``."""
+    Runs resolve ``model.dtype: auto`` first (:func:`fedtune.hardware.runtime_config`); one still
+    ``auto`` here follows ``train.precision: auto`` on the default device."""
     from transformers import AutoModelForCausalLM
 
     if cfg.dtype == "auto":
-        cfg = cfg.model_copy(update={"dtype": resolve_dtype(cfg.dtype, precision, device)})
+        cfg = cfg.model_copy(update={"dtype": resolve_dtype(cfg.dtype)})
 
     if cfg.name in TINY_MODELS:
         tok = _tiny_tokenizer(cfg)
