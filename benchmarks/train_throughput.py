@@ -8,7 +8,8 @@ real (non-padding) tokens.
 * ``ours_b8`` (headline): :func:`fedtune.training.train_local` with its
   :class:`~fedtune.training.BatchStream` (length-grouped batches), batch size 8,
   ``train.precision: auto`` (bf16 autocast where this machine multiplies bf16 natively, else
-  fp32: :mod:`fedtune.hardware`; adapter weights and optimizer state stay fp32), gradient
+  fp32: :mod:`fedtune.hardware`; adapter weights and optimizer state stay fp32) on the base
+  ``model.dtype: auto`` loads (bf16 weights where auto is bf16, else fp32), gradient
   clipping at 1.0 (fedtune's default), and the LM head run only on positions that predict a label
   (``fedtune.training.lm_loss``).
 * ``fsllm_fp32_b1`` (baseline): the loop FS-LLM's ``LLMTrainer`` runs (federatedscope/llm/trainer/
@@ -26,7 +27,9 @@ real (non-padding) tokens.
 * intermediate arms show where the speed comes from: ours with FS-LLM's settings (fp32, batch 1),
   ours at batch 8 without length grouping, with the LM head on every position (HF's loss),
   without LoRA dropout (``peft.dropout=0``: what the dropout masks cost), and in the precision
-  ``auto`` did *not* pick (bf16 where it is emulated, fp32 where bf16 is native).
+  ``auto`` did *not* pick (bf16 where it is emulated, fp32 where bf16 is native); where auto is
+  bf16, also bf16 autocast over the fp32 base (``ours_b8_fp32_base``: what storing the frozen base
+  in bf16 buys).
 
 Model FLOP utilisation (``mfu``): useful training FLOPs per second (:func:`fedtune.flops.step_flops`:
 frozen-base forward + input gradients, LoRA forward + backward, causal attention, the LM head where
@@ -196,7 +199,8 @@ class OursArm(Arm):
         self.label_logits, self.dropout = label_logits, dropout
         self.settings = {"trainer": "fedtune.training.train_local", "batch_size": batch_size, "lora_dropout": dropout,
                          "precision": precision, "group_by_length": group, "max_grad_norm": self.tcfg.max_grad_norm,
-                         "lm_head_on_labelled_positions_only": label_logits}
+                         "lm_head_on_labelled_positions_only": label_logits,
+                         "base_dtype": str(next(pm.get_base_model().parameters()).dtype)}
 
     def _train(self, n):
         from fedtune.training import train_local
@@ -303,9 +307,14 @@ def main() -> None:
 
     import torch
 
-    from fedtune.adapters import attach_adapter, get_adapter_state, trainable_parameters
+    from fedtune.adapters import (
+        attach_adapter,
+        get_adapter_state,
+        set_adapter_state,
+        trainable_parameters,
+    )
     from fedtune.config import ModelConfig, PeftConfig
-    from fedtune.hardware import resolve_precision
+    from fedtune.hardware import resolve_dtype, resolve_precision
     from fedtune.models import ARCHITECTURES, load_model
 
     auto = resolve_precision("auto", torch.device("cpu"))
@@ -329,20 +338,34 @@ def main() -> None:
         params = [p for _, p in trainable_parameters(pm)]
         init = get_adapter_state(pm)
         pad = tok.pad_token_id
+        # the auto arms run on the base a run with `model.dtype: auto` loads: bf16 where auto
+        # computes in bf16 (adapter fp32, from the same initial weights), else the fp32 model itself
+        base_auto = resolve_dtype("auto", "auto", torch.device("cpu"))
+        if base_auto == "float32":
+            pm_auto, params_auto = pm, params
+        else:
+            model16, _ = load_model(ModelConfig(name="smollm2-135m-instruct", dtype=base_auto))
+            pm_auto = attach_adapter(model16, pcfg)
+            set_adapter_state(pm_auto, init)
+            params_auto = [p for _, p in trainable_parameters(pm_auto)]
+        log(f"auto arms: {auto} on a {base_auto} base")
 
         def make_arms():
-            arms = [FSLLMArm("fsllm_fp32_b1", pm, params, init, ds, pad, lr, seed=1),
-                    OursArm("ours_b8", pm, params, init, ds, pad, lr, seed=1, batch_size=8, precision="auto")]
+            def auto_arm(name, **kw):
+                return OursArm(name, pm_auto, params_auto, init, ds, pad, lr, seed=1, batch_size=8,
+                               precision="auto", **kw)
+
+            arms = [FSLLMArm("fsllm_fp32_b1", pm, params, init, ds, pad, lr, seed=1), auto_arm("ours_b8")]
             if intermediate:
                 arms += [
                     OursArm("ours_fp32_b1", pm, params, init, ds, pad, lr, seed=1, batch_size=1, precision="fp32"),
-                    OursArm("ours_b8_nogroup", pm, params, init, ds, pad, lr, seed=1, batch_size=8,
-                            precision="auto", group=False),
-                    OursArm("ours_b8_full_logits", pm, params, init, ds, pad, lr, seed=1, batch_size=8,
-                            precision="auto", label_logits=False),
-                    OursArm("ours_b8_no_dropout", pm, params, init, ds, pad, lr, seed=1, batch_size=8,
-                            precision="auto", dropout=False),
+                    auto_arm("ours_b8_nogroup", group=False),
+                    auto_arm("ours_b8_full_logits", label_logits=False),
+                    auto_arm("ours_b8_no_dropout", dropout=False),
                 ]
+                if pm_auto is not pm:  # what storing the frozen base in bf16 buys: autocast over fp32 weights
+                    arms.append(OursArm("ours_b8_fp32_base", pm, params, init, ds, pad, lr, seed=1, batch_size=8,
+                                        precision="auto"))
             return arms
 
         log("warm-up (not timed): two batch-1 steps / one batch-8 step of every arm on throw-away copies")
@@ -399,6 +422,7 @@ def main() -> None:
         "quick": args.quick,
         "contended": contended,
         "precision_auto": auto,
+        "base_dtype_auto": base_auto,
         "matmul_peak_gflops": {k: round(v / 1e9, 1) for k, v in peaks.items()},
         "tokens_per_s_median": {k: round(v, 2) for k, v in med.items()},
         "ratio_vs_fsllm": {k: round(v / base, 4) for k, v in med.items()},
