@@ -143,6 +143,10 @@ class TrainConfig(_Section):
     keep_optimizer_state: bool = True
     #: batch examples of similar length so little compute goes to padding.
     group_by_length: bool = True
+    #: LoRA dropout masks from 16-bit uniforms, four per draw of torch's generator, on the CPU
+    #: (:mod:`fedtune.dropout`): faster masks, p rounded to a multiple of 2^-16, other random
+    #: numbers than the default (a different, equally valid sample of the same run).
+    fast_dropout: bool = False
     #: where per-client state (optimizer moments, data position, fp16 loss scale) lives between rounds:
     #: ``disk`` keeps memory flat however many clients there are; ``memory`` is a bit faster.
     client_state: Literal["disk", "memory"] = "disk"

@@ -23,6 +23,7 @@ import torch
 import torch.nn.functional as F
 
 from fedtune.config import TrainConfig
+from fedtune.dropout import set_lora_dropout
 from fedtune.hardware import resolve_precision
 from fedtune.utils import derive_seed
 
@@ -308,6 +309,7 @@ def train_local(
     forward = parallel.model if parallel is not None else model
     label_only = label_logits_supported(model)
     stats = TrainStats()
+    set_lora_dropout(model, cfg.fast_dropout)
     model.train()
     t0 = time.perf_counter()
     for i in range(steps):
