@@ -46,8 +46,9 @@ processes used during the measurement is reported (``other_cpu_cores``); with 2 
 oversubscription slows batch-1 loops far more than batch-8 ones, so a contended run is flagged.
 
 Usage: ``python benchmarks/train_throughput.py [--quick]``; ``--quick`` runs the headline pair only,
-one pass over the same 32 examples the full run uses (each arm warm, 4 interleaved chunks), so it
-reads within a few percent of the full run. Progress goes to stderr; the last line of stdout is
+one timed pass over the same 32 examples the full run uses (4 interleaved chunks). Every arm first
+makes one untimed pass over those examples, so each matmul shape has met its kernel before timing
+and a quick pass reads what a full run's passes read. Progress goes to stderr; the last line of stdout is
 one JSON object whose ``ratio`` is ours_b8 / fsllm_fp32_b1 tokens per second.
 """
 
@@ -371,10 +372,14 @@ def main() -> None:
                                         precision="auto"))
             return arms
 
-        log("warm-up (not timed): two batch-1 steps / one batch-8 step of every arm on throw-away copies")
+        # warm-up: one untimed pass of every arm over the same examples, on throw-away copies. oneDNN
+        # builds a kernel per new matmul shape (with AMX, a JIT per padded length), so a first pass is
+        # slower than every later one; a pass-long warm-up makes --quick's one timed pass read what the
+        # full run's passes read (a one-batch warm-up had quick at 1.25 where the full run read 1.66)
+        log("warm-up (not timed): one pass of every arm over the examples, on throw-away copies")
         for arm in make_arms():
-            arm.set_weights()
-            arm._train(max(getattr(arm, "bs", 1), 2))
+            for _ in range(n // CHUNK):
+                arm.chunk(CHUNK)
 
         arms = make_arms()
         mon = CpuMonitor()
