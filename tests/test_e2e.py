@@ -223,11 +223,9 @@ def _assert_user_error(p, *needles):
 
 
 def test_cli_bad_inputs(cfg_file, tmp_path):
+    """Through the installed console command (exit status and stderr of a real process); the
+    in-process test below covers the rest of the bad settings without a process each."""
     _assert_user_error(_cli(["run", str(cfg_file), "train.lrr=1"], tmp_path), "did you mean 'lr'")
-    _assert_user_error(_cli(["run", str(cfg_file), "model.name=no-such-model"], tmp_path), "unknown model")
-    _assert_user_error(_cli(["run", str(cfg_file), "data.source=/nonexistent/x.jsonl"], tmp_path), "x.jsonl")
-    _assert_user_error(_cli(["run", str(cfg_file), "data.splitter=iid", "data.num_clients=500"], tmp_path),
-                       "client")
     bad = tmp_path / "bad.jsonl"
     bad.write_text('{"instruction": "a", "output": "b"}\n{broken\n')
     _assert_user_error(_cli(["run", str(cfg_file), f"data.source={bad}", "data.splitter=iid"], tmp_path),

@@ -76,14 +76,6 @@ def _simulate(cfg_file, tmp_path, overrides=()):
     return run(cfg, verbose=False).run_dir
 
 
-@pytest.fixture
-def reference(toy, tmp_path):
-    """The in-process simulation of ``toy``, computed in a thread while the deployment runs (the
-    deployment mostly waits on Flower's polling, so this costs the test little wall time)."""
-    with ThreadPoolExecutor(1) as pool:
-        yield pool.submit(_simulate, toy, tmp_path)
-
-
 def _max_diff(a_dir, b_dir):
     a = load_file(str(a_dir / "adapter" / "adapter_model.safetensors"))
     b = load_file(str(b_dir / "adapter" / "adapter_model.safetensors"))
@@ -98,44 +90,42 @@ def _start(dep, nodes=NODES):
     dep.wait_connected(nodes)  # the run takes the clients connected when it starts
 
 
-@pytest.mark.deploy
-def test_deployment_matches_simulation_over_tls(toy, tmp_path, deployment, reference):
-    t0 = time.monotonic()
-    _start(deployment)
-    # the SuperLink speaks TLS only, with a certificate our CA signed for 127.0.0.1
-    ctx = ssl.create_default_context(cafile=str(deployment.certs / "ca.crt"))
-    with socket.create_connection((HOST, deployment.port)) as raw, ctx.wrap_socket(raw, server_hostname=HOST) as s:
+def _assert_tls_only(dep):
+    """The SuperLink speaks TLS only, with a certificate our CA signed for 127.0.0.1."""
+    ctx = ssl.create_default_context(cafile=str(dep.certs / "ca.crt"))
+    with socket.create_connection((HOST, dep.port)) as raw, ctx.wrap_socket(raw, server_hostname=HOST) as s:
         assert s.version().startswith("TLS")
-    with socket.create_connection((HOST, deployment.port), timeout=10) as s:
+    with socket.create_connection((HOST, dep.port), timeout=10) as s:
         s.sendall(b"GET /health HTTP/1.0\r\n\r\n")
         assert not s.recv(100).startswith(b"HTTP/")  # no plaintext HTTP
 
-    run_dir = tmp_path / "deployed"
-    deployment.submit(toy, [f"output.dir={run_dir}"])
-    wait_for_run(run_dir, 600, deployment)
-    deployed_s = time.monotonic() - t0
-    sim = reference.result()
-    assert _max_diff(run_dir, sim) <= 1e-6
+
+def _assert_rows_match(run_dir, sim_dir, label):
+    """Same losses, server-state norms and bytes down per (kind, round, client); bytes up within a
+    few bytes (a reply's metrics hold timings, whose JSON length varies); nothing rejected."""
     dep_rows = {(r["kind"], r["round"], r.get("client")): r for r in round_rows(run_dir)}
-    sim_rows = {(r["kind"], r["round"], r.get("client")): r for r in round_rows(sim)}
-    assert dep_rows.keys() == sim_rows.keys()
-    for key, r in sim_rows.items():  # same losses, the same bytes down
-        for m in ("val_loss", "test_loss", "train_loss", "bytes_down"):
+    sim_rows = {(r["kind"], r["round"], r.get("client")): r for r in round_rows(sim_dir)}
+    assert dep_rows.keys() == sim_rows.keys(), label
+    for key, r in sim_rows.items():
+        for m in ("val_loss", "test_loss", "train_loss", "bytes_down", "server_step_norm", "control_norm"):
             if r.get(m) is not None:
-                assert dep_rows[key][m] == pytest.approx(r[m], rel=1e-6, abs=1e-9), (key, m)
-        if r.get("bytes_up"):  # a reply's metrics hold timings, whose JSON length varies by a few bytes
-            assert abs(dep_rows[key]["bytes_up"] - r["bytes_up"]) < 64, key
-    assert all(not r.get("rejected") for r in dep_rows.values())
-    print(f"\nloopback deployment (start + 2 rounds): {deployed_s:.1f}s")
+                assert dep_rows[key][m] == pytest.approx(r[m], rel=1e-6, abs=1e-9), (label, key, m)
+        if r.get("bytes_up"):
+            assert abs(dep_rows[key]["bytes_up"] - r["bytes_up"]) < 64, (label, key)
+    assert all(not r.get("rejected") for r in dep_rows.values()), label
 
 
 @pytest.mark.deploy
-def test_server_optimizer_and_control_variates_match_simulation(toy, tmp_path, deployment):
-    """The same algorithm code over Flower: FedAdam (server moments) and SCAFFOLD (control variates
-    both ways, through the lossy codecs, client variates in the SuperNodes' state) land bit for bit
-    on the simulation's adapter, one run after the other on the same SuperNodes."""
+def test_deployment_matches_simulation_over_tls_for_every_kind_of_state(toy, tmp_path, deployment):
+    """The same algorithm code over Flower, one run after the other on the same TLS-only SuperLink
+    and SuperNodes: FedAvg (stateless), FedAdam (server moments) and SCAFFOLD (control variates both
+    ways, through the lossy codecs, client variates in the SuperNodes' state) land bit for bit on
+    the in-process simulation's adapter and rows. Each simulation runs in a thread while its
+    deployment runs (the deployment mostly waits on Flower's polling)."""
+    t0 = time.monotonic()
     _start(deployment)
-    for algorithm in ("fedadam", "scaffold"):
+    _assert_tls_only(deployment)
+    for algorithm in ("fedavg", "fedadam", "scaffold"):
         over = [f"fl.algorithm={algorithm}"]
         with ThreadPoolExecutor(1) as pool:
             sim = pool.submit(_simulate, toy, tmp_path / f"sim-{algorithm}", over)
@@ -144,13 +134,9 @@ def test_server_optimizer_and_control_variates_match_simulation(toy, tmp_path, d
             wait_for_run(run_dir, 600, deployment)
             sim_dir = sim.result()
         assert _max_diff(run_dir, sim_dir) <= 1e-6, algorithm
-        dep_rows = {(r["kind"], r["round"], r.get("client")): r for r in round_rows(run_dir)}
-        sim_rows = {(r["kind"], r["round"], r.get("client")): r for r in round_rows(sim_dir)}
-        assert dep_rows.keys() == sim_rows.keys()
-        for key, r in sim_rows.items():
-            for m in ("val_loss", "train_loss", "server_step_norm", "control_norm"):
-                if r.get(m) is not None:
-                    assert dep_rows[key][m] == pytest.approx(r[m], rel=1e-6, abs=1e-9), (algorithm, key, m)
+        _assert_rows_match(run_dir, sim_dir, algorithm)
+        print(f"\nloopback deployment ({algorithm}, start + 2 rounds): {time.monotonic() - t0:.1f}s")
+        t0 = time.monotonic()
 
 
 @pytest.mark.deploy

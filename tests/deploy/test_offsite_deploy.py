@@ -70,7 +70,7 @@ deploy: {{join_timeout_s: 240, round_timeout_s: 240, query_timeout_s: 60}}
         dep.start_supernode("beta")
         dep.wait_connected(NODES)
         second = tmp_path / "again"
-        dep.submit(cfg, [f"output.dir={second}"])
+        dep.submit(cfg, [f"output.dir={second}", "fl.rounds=1"])  # one round shows it
         wait_for_run(second, 600, dep)
         again = {r["round"]: r for r in round_rows(second) if r["kind"] == "round"}
         assert again[1]["emulator_clients"] == 0 and again[1]["emulator_bytes"] == 0
