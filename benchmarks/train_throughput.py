@@ -46,9 +46,9 @@ processes used during the measurement is reported (``other_cpu_cores``); with 2 
 oversubscription slows batch-1 loops far more than batch-8 ones, so a contended run is flagged.
 
 Usage: ``python benchmarks/train_throughput.py [--quick]``; ``--quick`` runs the headline pair only,
-one timed pass over the same 32 examples the full run uses (4 interleaved chunks). Every arm first
-makes one untimed pass over those examples, so each matmul shape has met its kernel before timing
-and a quick pass reads what a full run's passes read. Progress goes to stderr; the last line of stdout is
+two timed passes over the same 32 examples the full run uses (8 interleaved chunks). Every arm first
+makes one untimed pass over those examples, so each matmul shape has met its kernel before timing.
+On an idle AMX Xeon quick read 1.55 where the full run read 1.66 (docs/benchmarks.md). Progress goes to stderr; the last line of stdout is
 one JSON object whose ``ratio`` is ours_b8 / fsllm_fp32_b1 tokens per second.
 """
 
@@ -294,16 +294,16 @@ def pass_flops(arm, ds, config, lora_r: int, targets) -> float:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--quick", action="store_true", help="the headline pair, one pass (a few minutes on 2 cores)")
+    ap.add_argument("--quick", action="store_true", help="the headline pair only, two timed passes (3 min on 2 AMX cores)")
     ap.add_argument("--examples", type=int, default=32, help="examples per pass, a multiple of 8 (default 32)")
-    ap.add_argument("--repeats", type=int, default=None, help="passes over the examples per arm (default 2; quick 1)")
+    ap.add_argument("--repeats", type=int, default=None, help="timed passes over the examples per arm (default 2)")
     ap.add_argument("--max-length", type=int, default=256)
     ap.add_argument("--no-intermediate", action="store_true", help="only the headline pair")
     args = ap.parse_args()
     n = args.examples
     if n % CHUNK:
         raise SystemExit(f"--examples must be a multiple of {CHUNK}")
-    repeats = args.repeats or (1 if args.quick else 2)
+    repeats = args.repeats or 2  # one pass swings ±10% here: quick keeps two, and fewer arms
     intermediate = not (args.quick or args.no_intermediate)
     lr = 3e-4
     t_start = time.perf_counter()
@@ -374,8 +374,8 @@ def main() -> None:
 
         # warm-up: one untimed pass of every arm over the same examples, on throw-away copies. oneDNN
         # builds a kernel per new matmul shape (with AMX, a JIT per padded length), so a first pass is
-        # slower than every later one; a pass-long warm-up makes --quick's one timed pass read what the
-        # full run's passes read (a one-batch warm-up had quick at 1.25 where the full run read 1.66)
+        # slower than every later one (a one-batch warm-up and one timed pass had quick at 1.25 where
+        # the full run read 1.66; with this warm-up and two passes quick read 1.55)
         log("warm-up (not timed): one pass of every arm over the examples, on throw-away copies")
         for arm in make_arms():
             for _ in range(n // CHUNK):
