@@ -147,6 +147,10 @@ class TrainConfig(_Section):
     #: (:mod:`fedtune.dropout`): faster masks, p rounded to a multiple of 2^-16, other random
     #: numbers than the default (a different, equally valid sample of the same run).
     fast_dropout: bool = False
+    #: recompute each transformer block's activations in the backward instead of keeping them
+    #: (transformers' gradient checkpointing, non-reentrant; the RNG state is replayed, so the
+    #: gradients are the same): activation memory for about a third more compute, for long sequences.
+    gradient_checkpointing: bool = False
     #: where per-client state (optimizer moments, data position, fp16 loss scale) lives between rounds:
     #: ``disk`` keeps memory flat however many clients there are; ``memory`` is a bit faster.
     client_state: Literal["disk", "memory"] = "disk"

@@ -24,6 +24,7 @@ import torch.nn.functional as F
 
 from fedtune.config import TrainConfig
 from fedtune.dropout import set_lora_dropout
+from fedtune.errors import FedtuneError
 from fedtune.hardware import resolve_precision
 from fedtune.utils import derive_seed
 
@@ -270,6 +271,30 @@ def lm_loss(forward: Callable, batch: dict[str, torch.Tensor], label_logits_only
     return F.cross_entropy(out.logits.float(), labels[:, 1:][keep[:, :-1]])
 
 
+def set_gradient_checkpointing(model: torch.nn.Module, on: bool) -> None:
+    """Switch transformers' gradient checkpointing of ``model``'s base on or off (train.gradient_checkpointing).
+
+    Non-reentrant checkpointing: it needs no ``requires_grad`` on the inputs (the frozen embedding's
+    output has none) and replays the RNG state, so dropout masks, and therefore the gradients, are
+    the ones a run without it draws."""
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    active = any(getattr(m, "gradient_checkpointing", False) is True for m in base.modules())
+    if on == active:
+        return
+    if not getattr(base, "supports_gradient_checkpointing", False):
+        raise FedtuneError(f"train.gradient_checkpointing: {type(base).__name__} cannot checkpoint its blocks "
+                           "in transformers; set train.gradient_checkpointing=false")
+    kwargs = {"use_reentrant": False}
+    if on and hasattr(base, "activation_checkpointing_enable"):  # transformers >= 5.x names
+        base.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
+    elif on:
+        base.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+    elif hasattr(base, "activation_checkpointing_disable"):
+        base.activation_checkpointing_disable()
+    else:
+        base.gradient_checkpointing_disable()
+
+
 def train_local(
     model: torch.nn.Module,
     data,  # TokenizedDataset: .input_ids, .labels
@@ -310,6 +335,7 @@ def train_local(
     label_only = label_logits_supported(model)
     stats = TrainStats()
     set_lora_dropout(model, cfg.fast_dropout)
+    set_gradient_checkpointing(model, cfg.gradient_checkpointing)
     model.train()
     t0 = time.perf_counter()
     for i in range(steps):
