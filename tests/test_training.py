@@ -455,3 +455,26 @@ def test_gradient_checkpointing_recomputes_each_block_and_changes_no_number():
     for k in plain:
         torch.testing.assert_close(ckpt[k], plain[k], rtol=1e-5, atol=1e-7)
         assert torch.equal(again[k], plain[k])
+
+
+def test_pad_to_multiple_pads_with_masked_positions_and_keeps_the_fp32_update():
+    """train.pad_to_multiple: a batch of lengths 5 and 3 padded to 8 has 3 and 5 masked, ignored
+    positions; fp32 training on the padded batches lands on the same adapter (to rounding)."""
+    b = collate([[5, 6, 7, 8, 9], [5, 6, 7]], [[IGNORE, 6, 7, 8, 9], [IGNORE, 6, 7]], 0, pad_to=8)
+    assert b["input_ids"].shape == (2, 8)
+    assert b["attention_mask"].sum(1).tolist() == [5, 3]
+    assert (b["labels"][:, 5:] == IGNORE).all() and (b["labels"][1, 3:] == IGNORE).all()
+    pm, _ = _tiny_lora(dropout=0.0)
+    init, data = get_adapter_state(pm), DS(16, seed=3)
+    params = [p for _, p in trainable_parameters(pm)]
+
+    def train(pad):
+        set_adapter_state(pm, init)
+        cfg = TrainConfig(batch_size=4, lr=1e-2, pad_to_multiple=pad)
+        train_local(pm, data, BatchStream(data.lengths, 4, 11, True), make_optimizer(params, cfg), cfg, steps=3,
+                    start_step=0, total_steps=3, pad_id=0, device=torch.device("cpu"))
+        return get_adapter_state(pm)
+
+    a, b8 = train(1), train(16)
+    for k in a:
+        torch.testing.assert_close(b8[k], a[k], rtol=1e-4, atol=1e-6)

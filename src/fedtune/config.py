@@ -151,6 +151,9 @@ class TrainConfig(_Section):
     #: (transformers' gradient checkpointing, non-reentrant; the RNG state is replayed, so the
     #: gradients are the same): activation memory for about a third more compute, for long sequences.
     gradient_checkpointing: bool = False
+    #: pad each training batch to a multiple of this many tokens (1: to its longest example). Fewer
+    #: distinct shapes means fewer per-shape kernels cached by oneDNN (see docs/benchmarks.md#train_memory).
+    pad_to_multiple: int = Field(default=1, ge=1, le=4096)
     #: where per-client state (optimizer moments, data position, fp16 loss scale) lives between rounds:
     #: ``disk`` keeps memory flat however many clients there are; ``memory`` is a bit faster.
     client_state: Literal["disk", "memory"] = "disk"

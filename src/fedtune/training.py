@@ -92,9 +92,10 @@ class BatchStream:
 
 
 def collate(input_ids: Sequence[Sequence[int]], labels: Sequence[Sequence[int]], pad_id: int,
-            device: torch.device | str = "cpu") -> dict[str, torch.Tensor]:
-    """Right-pad a batch. Masks come from lengths, never from comparing ids with ``pad_id``."""
-    n = max(len(x) for x in input_ids)
+            device: torch.device | str = "cpu", pad_to: int = 1) -> dict[str, torch.Tensor]:
+    """Right-pad a batch to its longest example, rounded up to a multiple of ``pad_to``. Masks come
+    from lengths, never from comparing ids with ``pad_id``."""
+    n = -(-max(len(x) for x in input_ids) // pad_to) * pad_to
     ids = torch.full((len(input_ids), n), pad_id, dtype=torch.long)
     lab = torch.full((len(input_ids), n), IGNORE, dtype=torch.long)
     att = torch.zeros((len(input_ids), n), dtype=torch.long)
@@ -346,7 +347,8 @@ def train_local(
         masked = False
         if parallel is not None:
             micro, masked = parallel.shard(micro, cfg.batch_size)
-        batches = [collate([data.input_ids[j] for j in b], [data.labels[j] for j in b], pad_id, device)
+        batches = [collate([data.input_ids[j] for j in b], [data.labels[j] for j in b], pad_id, device,
+                           cfg.pad_to_multiple)
                    for b in micro]
         if masked:
             batches[0]["labels"].fill_(IGNORE)
