@@ -77,27 +77,15 @@ def test_swap_on_a_lora_model_and_back():
 def test_train_local_with_fast_dropout_is_seeded_and_another_sample():
     """train.fast_dropout: the same seed gives the same adapter; the masks differ from torch's (so
     the adapter does too); the default swaps torch's dropout back."""
-    from test_training import DS, _tiny_lora
+    from test_training import DS, _three_steps, _tiny_lora
 
-    from fedtune.adapters import (
-        get_adapter_state,
-        set_adapter_state,
-        trainable_parameters,
-    )
-    from fedtune.config import TrainConfig
-    from fedtune.training import BatchStream, make_optimizer, train_local
+    from fedtune.adapters import get_adapter_state
 
     pm, _ = _tiny_lora(dropout=0.1)
     init, data = get_adapter_state(pm), DS(16, seed=3)
-    params = [p for _, p in trainable_parameters(pm)]
 
     def train(fast):
-        set_adapter_state(pm, init)
-        cfg = TrainConfig(batch_size=4, lr=1e-2, fast_dropout=fast)
-        torch.manual_seed(7)
-        train_local(pm, data, BatchStream(data.lengths, 4, 11, True), make_optimizer(params, cfg), cfg, steps=3,
-                    start_step=0, total_steps=3, pad_id=0, device=torch.device("cpu"))
-        return get_adapter_state(pm)
+        return _three_steps(pm, init, data, fast_dropout=fast)
 
     a, b = train(True), train(True)
     assert any(isinstance(m, FastDropout) for m in pm.modules())

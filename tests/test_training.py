@@ -39,6 +39,17 @@ def _tiny_lora(dropout: float):
     return pm, tok
 
 
+def _three_steps(pm, init, data, **train_cfg):
+    """The adapter after 3 seeded steps of ``train_local`` from ``init`` (batch 4, lr 1e-2, plus ``train_cfg``)."""
+    params = [p for _, p in trainable_parameters(pm)]
+    set_adapter_state(pm, init)
+    cfg = TrainConfig(batch_size=4, lr=1e-2, **train_cfg)
+    torch.manual_seed(7)
+    train_local(pm, data, BatchStream(data.lengths, 4, 11, True), make_optimizer(params, cfg), cfg, steps=3,
+                start_step=0, total_steps=3, pad_id=0, device=torch.device("cpu"))
+    return get_adapter_state(pm)
+
+
 @pytest.fixture(scope="module")
 def peft_model():
     return _tiny_lora(0.0)
@@ -433,7 +444,6 @@ def test_gradient_checkpointing_recomputes_each_block_and_changes_no_number():
     forward a block."""
     pm, _ = _tiny_lora(dropout=0.1)
     init, data = get_adapter_state(pm), DS(16, seed=3)
-    params = [p for _, p in trainable_parameters(pm)]
     # a pre-hook inside the block: the recompute stops early once it has what the backward needs, so
     # a post-hook may not see it
     mlp = pm.get_base_model().model.layers[0].mlp
@@ -441,13 +451,8 @@ def test_gradient_checkpointing_recomputes_each_block_and_changes_no_number():
     mlp.register_forward_pre_hook(lambda *a: calls.append(1))
 
     def train(on):
-        set_adapter_state(pm, init)
         calls.clear()
-        cfg = TrainConfig(batch_size=4, lr=1e-2, gradient_checkpointing=on)
-        torch.manual_seed(7)
-        train_local(pm, data, BatchStream(data.lengths, 4, 11, True), make_optimizer(params, cfg), cfg, steps=3,
-                    start_step=0, total_steps=3, pad_id=0, device=torch.device("cpu"))
-        return get_adapter_state(pm), len(calls)
+        return _three_steps(pm, init, data, gradient_checkpointing=on), len(calls)
 
     train(False)  # the first call also probes the model for the label-only LM head (extra forwards)
     (plain, n_plain), (ckpt, n_ckpt), (again, n_again) = train(False), train(True), train(False)
@@ -466,15 +471,6 @@ def test_pad_to_multiple_pads_with_masked_positions_and_keeps_the_fp32_update():
     assert (b["labels"][:, 5:] == IGNORE).all() and (b["labels"][1, 3:] == IGNORE).all()
     pm, _ = _tiny_lora(dropout=0.0)
     init, data = get_adapter_state(pm), DS(16, seed=3)
-    params = [p for _, p in trainable_parameters(pm)]
-
-    def train(pad):
-        set_adapter_state(pm, init)
-        cfg = TrainConfig(batch_size=4, lr=1e-2, pad_to_multiple=pad)
-        train_local(pm, data, BatchStream(data.lengths, 4, 11, True), make_optimizer(params, cfg), cfg, steps=3,
-                    start_step=0, total_steps=3, pad_id=0, device=torch.device("cpu"))
-        return get_adapter_state(pm)
-
-    a, b8 = train(1), train(16)
+    a, b8 = _three_steps(pm, init, data, pad_to_multiple=1), _three_steps(pm, init, data, pad_to_multiple=16)
     for k in a:
         torch.testing.assert_close(b8[k], a[k], rtol=1e-4, atol=1e-6)
