@@ -26,6 +26,7 @@ from fedtune.config import TrainConfig
 from fedtune.dropout import set_lora_dropout
 from fedtune.errors import FedtuneError
 from fedtune.hardware import resolve_precision
+from fedtune.head_loss import chunked_head_applies, head_loss
 from fedtune.utils import derive_seed
 
 if TYPE_CHECKING:
@@ -261,15 +262,21 @@ def lm_loss(forward: Callable, batch: dict[str, torch.Tensor], label_logits_only
     instruction data most positions need no logits, and for a small model the LM head and its
     softmax over ~49k tokens are a large share of a step's compute and memory. The loss is the
     same mean over the same tokens. Neither transformers nor peft does this for training, so it
-    is written here.
+    is written here. Where the model's head is a plain frozen linear layer the kept positions go
+    through :mod:`fedtune.head_loss` (row chunks, gradient taken in the forward), so not even the
+    kept positions' logits exist at once.
     """
     if not label_logits_only:
         return forward(**batch).loss
     labels = batch["labels"]
     keep = torch.zeros_like(labels, dtype=torch.bool)
     keep[:, :-1] = labels[:, 1:] != IGNORE
+    targets = labels[:, 1:][keep[:, :-1]]
+    model = forward.module if isinstance(forward, torch.nn.parallel.DistributedDataParallel) else forward
+    if chunked_head_applies(model):
+        return head_loss(forward, model, batch, keep, targets)  # chunked: no full logits tensor
     out = forward(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], logits_to_keep=keep)
-    return F.cross_entropy(out.logits.float(), labels[:, 1:][keep[:, :-1]])
+    return F.cross_entropy(out.logits.float(), targets)
 
 
 def set_gradient_checkpointing(model: torch.nn.Module, on: bool) -> None:
