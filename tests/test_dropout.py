@@ -1,6 +1,8 @@
-"""fedtune.dropout.FastDropout: the opt-in LoRA dropout with 16-bit uniforms (train.fast_dropout).
+"""fedtune.dropout: MaskDropout (the default: torch's numbers, boolean masks) against torch's own
+dropout and peft's own LoRA path, bit for bit; FastDropout (the opt-in LoRA dropout with 16-bit
+uniforms, train.fast_dropout).
 
-Expected values come from the rule itself (keep probability 1 - round(p*65536)/65536, scale
+FastDropout's expected values come from the rule itself (keep probability 1 - round(p*65536)/65536, scale
 65536/(65536 - cut)) and binomial bounds, not from the code's output."""
 
 import math
@@ -8,7 +10,12 @@ import math
 import pytest
 import torch
 
-from fedtune.dropout import FastDropout, set_lora_dropout
+from fedtune.dropout import (
+    FastDropout,
+    MaskDropout,
+    lora_input_casts_off,
+    set_lora_dropout,
+)
 
 CUT = round(0.05 * 65536)  # 3277
 KEEP = 1 - CUT / 65536
@@ -71,7 +78,7 @@ def test_swap_on_a_lora_model_and_back():
     assert set_lora_dropout(pm, True) == n  # idempotent
     assert set_lora_dropout(pm, False) == n
     assert not any(isinstance(m, FastDropout) for m in pm.modules())
-    assert sum(type(m) is torch.nn.Dropout for m in pm.modules()) == n
+    assert sum(type(m) is MaskDropout and m.p == 0.1 for m in pm.modules()) == n
 
 
 def test_train_local_with_fast_dropout_is_seeded_and_another_sample():
@@ -93,3 +100,83 @@ def test_train_local_with_fast_dropout_is_seeded_and_another_sample():
     c = train(False)
     assert not any(isinstance(m, FastDropout) for m in pm.modules())
     assert not all(torch.equal(a[k], c[k]) for k in a)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("layout", ["contiguous", "transposed"])
+def test_mask_dropout_gives_torchs_numbers_and_gradients(dtype, layout):
+    """Same seed, same draws on the same elements, same values and gradients as torch's dropout;
+    the generator ends in the same state. A bf16 input is compared with what peft computes for it:
+    torch's dropout on the input cast to fp32 (peft casts to the fp32 adapter's dtype first), the
+    result and the gradient rounded to bf16 — not with torch's dropout in bf16, whose 1/(1-p) is
+    itself rounded to bf16 (1.0547 for p = 0.1: 0.2% more than 1/0.9)."""
+    x = torch.randn(33, 7, 20).to(dtype)
+    if layout == "transposed":
+        x = x.transpose(0, 2)
+    g = torch.randn(x.shape).to(dtype)
+
+    def peft_way(xi):
+        return torch.nn.functional.dropout(xi.float(), 0.1, True).to(dtype)
+
+    out = []
+    for drop in (peft_way, MaskDropout(0.1).train()):
+        xi = x.clone().requires_grad_()
+        torch.manual_seed(5)
+        y = drop(xi)
+        y.backward(g)
+        out.append((y.detach(), xi.grad, torch.randint(0, 2**62, (4,))))
+    (y0, g0, r0), (y1, g1, r1) = out
+    assert torch.equal(y0, y1) and torch.equal(g0, g1) and torch.equal(r0, r1)
+    assert 0 < int((y1 == 0).sum()) < y1.numel()
+
+
+def _peft_step(pm, ids, fedtune_path: bool):
+    """Logits, loss and adapter gradients of one bf16-autocast step, through peft's own LoRA path
+    (torch's dropout, input cast to fp32) or fedtune's (MaskDropout, input left in bf16)."""
+    set_lora_dropout(pm, fast=False) if fedtune_path else _restore_torch_dropout(pm)
+    pm.train()
+    pm.zero_grad(set_to_none=True)
+    torch.manual_seed(11)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        if fedtune_path:
+            with lora_input_casts_off(pm):
+                out = pm(input_ids=ids, labels=ids)
+        else:
+            out = pm(input_ids=ids, labels=ids)
+    out.loss.backward()
+    grads = {n: p.grad.clone() for n, p in pm.named_parameters() if p.requires_grad}
+    return out.logits.detach(), out.loss.detach(), grads
+
+
+def _restore_torch_dropout(pm):
+    for m in pm.modules():
+        drops = getattr(m, "lora_dropout", None)
+        if isinstance(drops, torch.nn.ModuleDict):
+            for k, d in list(drops.items()):
+                if isinstance(d, MaskDropout):
+                    drops[k] = torch.nn.Dropout(d.p)
+
+
+def test_bf16_base_under_autocast_gives_peft_numbers_bit_for_bit():
+    from fedtune.adapters import trainable_parameters
+    from fedtune.config import ModelConfig, PeftConfig
+    from fedtune.models import load_model
+
+    model, _ = load_model(ModelConfig(name="tiny-llama", dtype="bfloat16"))
+    torch.manual_seed(0)
+    from fedtune.adapters import attach_adapter
+
+    pm = attach_adapter(model, PeftConfig(r=4, dropout=0.1))
+    with torch.no_grad():
+        for _, p in trainable_parameters(pm):
+            p.normal_(0, 0.05)
+    ids = torch.randint(3, 400, (3, 17))
+    peft_way = _peft_step(pm, ids, fedtune_path=False)
+    ours = _peft_step(pm, ids, fedtune_path=True)
+    assert peft_way[0].dtype == torch.bfloat16
+    assert torch.equal(peft_way[0], ours[0]) and torch.equal(peft_way[1], ours[1])
+    assert peft_way[2].keys() == ours[2].keys()
+    for k in peft_way[2]:
+        assert torch.equal(peft_way[2][k], ours[2][k]), k
+    layers = [m for m in pm.modules() if hasattr(m, "cast_input_dtype_enabled") and hasattr(m, "lora_A")]
+    assert layers and all(m.cast_input_dtype_enabled for m in layers)  # restored after the block

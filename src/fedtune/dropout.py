@@ -1,11 +1,25 @@
-"""LoRA dropout with cheaper random masks on the CPU (opt-in: ``train.fast_dropout: true``).
+"""LoRA dropout as training runs it: exact masks kept as booleans, or cheaper masks on the CPU.
 
-peft puts a ``torch.nn.Dropout`` on the input of every LoRA layer. On a CPU torch draws each mask
-element through its Bernoulli sampler from the one Mersenne-Twister generator, a 32-bit number
-per element on one thread (~6 ms for a 1320 × 576 activation here): on SmolLM2 + LoRA that was a
-quarter to a third of a training step (docs/benchmarks.md#train_throughput). No library offers a
-faster CPU dropout, so this one is written here.
+peft puts a ``torch.nn.Dropout`` on the input of every LoRA layer, and before it casts that input
+to the adapter's dtype (fp32): on a bf16 base under autocast each LoRA layer takes the input to
+fp32, draws an fp32 noise tensor (``bernoulli_``, then ``/ (1 - p)``), multiplies, and autocast
+casts the product back to bf16 for ``lora_A`` — five passes over the activation and an fp32 noise
+tensor kept for the backward, per LoRA layer (7 a block), and the reverse casts in the backward.
 
+:class:`MaskDropout` (the default, swapped in by :func:`set_lora_dropout`) gives the *same numbers*
+with less work: it draws the same Bernoulli sample (``bernoulli_(1 - p)`` from the same generator,
+over a tensor of the input's shape and strides, so the same draws land on the same elements), keeps
+it as a boolean mask (1 byte an element instead of 4), and returns ``x * c * mask`` where ``c`` is
+the fp32 value ``1 / (1 - p)`` that torch's dropout multiplies by. With the input cast switched off
+(:func:`lora_input_casts_off`, under autocast only) ``x`` stays bf16 and ``x * c`` is computed in
+fp32 and rounded once to bf16 — what autocast's cast of peft's fp32 product gave; the gradient
+likewise (tests/test_dropout.py checks outputs and gradients bit for bit against peft's own path).
+No library does this, so it is written here.
+
+:class:`FastDropout` (opt-in: ``train.fast_dropout: true``) is another random sample: on a CPU torch
+draws each mask element through its Bernoulli sampler from the one Mersenne-Twister generator, a
+64-bit draw per element on one thread (~3.5 ms for a 1280 × 576 activation here): on SmolLM2 + LoRA
+that is a quarter to a third of a training step (docs/benchmarks.md#train_throughput).
 :class:`FastDropout` takes 64-bit words from the same default generator (``random_`` over the full
 64-bit range) and reads each as four 16-bit uniforms u ∈ {0, …, 65535}: a quarter of the draws.
 With t = round(p · 65536), an element is kept when u ≥ t — probability 1 − t/65536 — and kept
@@ -21,6 +35,9 @@ devices torch's own (fast) dropout runs unchanged.
 """
 
 from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
 
 import torch
 
@@ -53,18 +70,74 @@ class FastDropout(torch.nn.Module):
         return x * keep * self.scale
 
 
+class MaskDropout(torch.nn.Module):
+    """torch's inverted dropout, the same draws and values, the mask kept as booleans (module docstring)."""
+
+    def __init__(self, p: float):
+        super().__init__()
+        if not 0.0 <= p <= 1.0:
+            raise ValueError(f"dropout probability must be in [0, 1], got {p}")
+        self.p = p
+        # torch's dropout divides its {0, 1} fp32 noise by (1 - p): this is that quotient, in fp32
+        self.scale = (torch.ones((), dtype=torch.float32) / (1 - p)).item() if p < 1 else 0.0
+
+    def extra_repr(self) -> str:
+        return f"p={self.p}"
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not self.training or self.p == 0 or x.numel() == 0:
+            return x
+        if self.p == 1:
+            return x * 0.0
+        keep = torch.empty_like(x, dtype=torch.bool).bernoulli_(1 - self.p)
+        return x.mul(self.scale).mul_(keep)
+
+
 def set_lora_dropout(model: torch.nn.Module, fast: bool) -> int:
-    """Give every LoRA layer of ``model`` :class:`FastDropout` (``fast``) or torch's dropout back,
-    with the same p; returns how many layers have dropout at all."""
+    """Give every LoRA layer of ``model`` :class:`FastDropout` (``fast``) or :class:`MaskDropout`
+    (torch's numbers), with the same p; returns how many layers have dropout at all."""
     n = 0
     for module in model.modules():
         drops = getattr(module, "lora_dropout", None)
         if not isinstance(drops, torch.nn.ModuleDict):
             continue
         for key, d in list(drops.items()):
-            if fast and type(d) is torch.nn.Dropout:
+            if fast and isinstance(d, (torch.nn.Dropout, MaskDropout)) and d.p < 1:
                 drops[key] = FastDropout(d.p).train(d.training)
-            elif not fast and isinstance(d, FastDropout):
-                drops[key] = torch.nn.Dropout(d.p).train(d.training)
-            n += isinstance(drops[key], (torch.nn.Dropout, FastDropout))
+            elif not fast and isinstance(d, (torch.nn.Dropout, FastDropout)):
+                drops[key] = MaskDropout(d.p).train(d.training)
+            n += isinstance(drops[key], (MaskDropout, FastDropout))
     return n
+
+
+def _castable_lora_layers(model: torch.nn.Module) -> list[torch.nn.Module]:
+    """peft's plain LoRA linear layers whose dropout gives the cast's numbers on an uncast input."""
+    from peft.tuners.lora.layer import Linear as LoraLinear
+
+    layers = []
+    for m in model.modules():
+        if not isinstance(m, LoraLinear) or any(k in m.active_adapters for k in getattr(m, "lora_variant", {})):
+            continue  # DoRA and the other variants use the input beyond A(dropout(x))
+        drops = [m.lora_dropout[k] for k in m.active_adapters if k in m.lora_dropout]
+        if all(isinstance(d, (MaskDropout, FastDropout, torch.nn.Identity)) or not d.training for d in drops):
+            layers.append(m)
+    return layers
+
+
+@contextlib.contextmanager
+def lora_input_casts_off(model: torch.nn.Module) -> Iterator[None]:
+    """Inside an autocast region: peft's LoRA layers leave their input in the base's dtype instead of
+    casting it to the adapter's fp32 (``cast_input_dtype_enabled``). Autocast runs ``lora_A`` in its
+    16-bit dtype either way, and :class:`MaskDropout` / :class:`FastDropout` compute ``x * scale``
+    in fp32 and round once, so every value is the one the cast path gives — without the fp32 copy of
+    the input, its noise tensor and their casts back. Restored on exit (outside autocast an fp32
+    adapter on a bf16 input needs the cast)."""
+    layers = _castable_lora_layers(model)
+    before = [getattr(m, "cast_input_dtype_enabled", True) for m in layers]
+    for m in layers:
+        m.cast_input_dtype_enabled = False
+    try:
+        yield
+    finally:
+        for m, was in zip(layers, before):
+            m.cast_input_dtype_enabled = was

@@ -14,7 +14,7 @@ import logging
 import math
 import time
 from collections.abc import Callable, Iterator, Sequence
-from contextlib import nullcontext
+from contextlib import ExitStack, nullcontext
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -23,7 +23,7 @@ import torch
 import torch.nn.functional as F
 
 from fedtune.config import TrainConfig
-from fedtune.dropout import set_lora_dropout
+from fedtune.dropout import lora_input_casts_off, set_lora_dropout
 from fedtune.errors import FedtuneError
 from fedtune.hardware import resolve_precision
 from fedtune.head_loss import chunked_head_applies, head_loss
@@ -161,14 +161,21 @@ def make_grad_scaler(train_cfg: TrainConfig, device: torch.device | str, saved_s
     return scaler
 
 
-def autocast_context(precision: str, device: torch.device):
+def autocast_context(precision: str, device: torch.device, model: torch.nn.Module | None = None):
     """bf16/fp16 autocast for the forward pass; the adapter weights themselves stay fp32.
-    ``auto`` is resolved for ``device`` (:func:`fedtune.hardware.resolve_precision`)."""
+    ``auto`` is resolved for ``device`` (:func:`fedtune.hardware.resolve_precision`). Given the
+    ``model``, its LoRA layers also skip peft's cast of their input to fp32 inside the region
+    (:func:`fedtune.dropout.lora_input_casts_off`: the same numbers without the fp32 copies)."""
     precision = resolve_precision(precision, device)
     if precision == "fp32":
         return nullcontext()
     dtype = torch.bfloat16 if precision == "bf16" else torch.float16
-    return torch.autocast(device_type=device.type, dtype=dtype)
+    if model is None:
+        return torch.autocast(device_type=device.type, dtype=dtype)
+    stack = ExitStack()
+    stack.enter_context(torch.autocast(device_type=device.type, dtype=dtype))
+    stack.enter_context(lora_input_casts_off(model))
+    return stack
 
 
 @dataclass
@@ -372,7 +379,7 @@ def train_local(
                 continue
             sync = parallel.no_sync(last=j == len(batches) - 1) if parallel is not None else nullcontext()
             with sync:
-                with autocast_context(cfg.precision, device):
+                with autocast_context(cfg.precision, device, model):
                     if n == 0:  # clustered mode: keep in step with the other ranks, contribute nothing
                         mean = forward(**batch).logits.float().sum() * 0.0
                     else:
@@ -460,7 +467,7 @@ def evaluate_loss(model: torch.nn.Module, data, *, batch_size: int, pad_id: int,
         n = _n_label_tokens(batch["labels"])
         if n == 0:
             continue
-        with autocast_context(precision, device):
+        with autocast_context(precision, device, model):
             loss = lm_loss(model, batch, label_only)
         loss_sum += float(loss.float()) * n
         n_tok += n
