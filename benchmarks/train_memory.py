@@ -105,6 +105,7 @@ def child_bare(args) -> dict:
 
     cfg = runtime_config(load_config(CONFIG, _overrides(args, "/nonexistent")), torch.device("cpu"))
     model, tok = load_model(cfg.model)
+    model.set_attn_implementation("sdpa")  # transformers' own attention, not fedtune's CPU training one
     targets = cfg.peft.target_modules or ARCHITECTURES[model.config.model_type].lora_targets
     pm = get_peft_model(model, LoraConfig(r=cfg.peft.r, lora_alpha=cfg.peft.alpha, lora_dropout=cfg.peft.dropout,
                                           target_modules=targets, task_type="CAUSAL_LM"))

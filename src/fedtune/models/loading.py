@@ -29,6 +29,7 @@ import torch
 
 from fedtune.errors import FedtuneError
 from fedtune.hardware import resolve_dtype
+from fedtune.models.attention import use_training_attention
 
 if TYPE_CHECKING:
     from transformers import PreTrainedModel, PreTrainedTokenizerBase
@@ -196,7 +197,7 @@ def _dequantise_to_cache(gguf: Path, target: Path) -> None:
     try:
         tok = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
         model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
-    except Exception as e:  # noqa: BLE001 - the user's file; gguf/transformers raise anything on bad bytes
+    except Exception as e:
         log.debug("reading %s failed", gguf, exc_info=True)
         raise FedtuneError(
             f"could not read GGUF file {gguf} ({gguf.stat().st_size:,} bytes): {type(e).__name__}: {e}. The file is "
@@ -407,7 +408,7 @@ def load_tokenizer(cfg: ModelConfig) -> PreTrainedTokenizerBase:
     where, kw = _resolve_dir(cfg)
     try:
         tok = AutoTokenizer.from_pretrained(where, trust_remote_code=cfg.trust_remote_code, **kw)
-    except Exception as e:  # noqa: BLE001 - the user's files; tokenizers raises bare Exceptions on bad bytes
+    except Exception as e:
         log.debug("loading the tokenizer from %s failed", where, exc_info=True)
         raise FedtuneError(f"could not load the tokenizer of model '{cfg.name}' from {where}: "
                            f"{type(e).__name__}: {e}") from None
@@ -448,13 +449,14 @@ def load_model(cfg: ModelConfig) -> tuple[PreTrainedModel, PreTrainedTokenizerBa
             model = AutoModelForCausalLM.from_pretrained(
                 where, dtype=_DTYPES[cfg.dtype], trust_remote_code=cfg.trust_remote_code, **kw
             )
-        except Exception as e:  # noqa: BLE001 - the user's files (FEDTUNE_LOG=DEBUG shows the traceback)
+        except Exception as e:
             log.debug("loading the model from %s failed", where, exc_info=True)
             raise FedtuneError(f"could not load model '{cfg.name}' from {where}: {type(e).__name__}: {e}") from None
     model.config.pad_token_id = tok.pad_token_id
     model.requires_grad_(False)
     model.eval()
     model.config.fedtune_name = cfg.name  # recorded in the saved adapter's base-model check
+    use_training_attention(model)  # 16-bit CPU training's attention; SDPA everywhere else
     return model, tok
 
 
