@@ -91,17 +91,13 @@ def test_everything_else_goes_to_transformers_sdpa_unchanged():
 
 
 def test_a_bf16_model_trains_through_it_with_sdpas_loss_and_gradients():
-    from fedtune.adapters import attach_adapter, trainable_parameters
-    from fedtune.config import ModelConfig, PeftConfig
-    from fedtune.models import load_model
+    from test_training import _tiny_lora  # the test module's tiny LoRA builder
 
-    model, _ = load_model(ModelConfig(name="tiny-llama", dtype="bfloat16"))
+    from fedtune.adapters import trainable_parameters
+
+    pm, _ = _tiny_lora(dropout=0.0, dtype="bfloat16")
+    model = pm.get_base_model()
     assert model.config._attn_implementation == ATTENTION
-    torch.manual_seed(0)
-    pm = attach_adapter(model, PeftConfig(r=4, dropout=0.0))
-    with torch.no_grad():
-        for _, p in trainable_parameters(pm):
-            p.normal_(0, 0.05)
     ids = torch.randint(3, 400, (3, 24))
     mask = torch.ones_like(ids)
     mask[2, 15:] = 0

@@ -158,18 +158,9 @@ def _restore_torch_dropout(pm):
 
 
 def test_bf16_base_under_autocast_gives_peft_numbers_bit_for_bit():
-    from fedtune.adapters import trainable_parameters
-    from fedtune.config import ModelConfig, PeftConfig
-    from fedtune.models import load_model
+    from test_training import _tiny_lora  # the test module's tiny LoRA builder
 
-    model, _ = load_model(ModelConfig(name="tiny-llama", dtype="bfloat16"))
-    torch.manual_seed(0)
-    from fedtune.adapters import attach_adapter
-
-    pm = attach_adapter(model, PeftConfig(r=4, dropout=0.1))
-    with torch.no_grad():
-        for _, p in trainable_parameters(pm):
-            p.normal_(0, 0.05)
+    pm, _ = _tiny_lora(dropout=0.1, dtype="bfloat16")
     ids = torch.randint(3, 400, (3, 17))
     peft_way = _peft_step(pm, ids, fedtune_path=False)
     ours = _peft_step(pm, ids, fedtune_path=True)

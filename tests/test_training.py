@@ -26,11 +26,12 @@ class DS:
         return len(self.input_ids)
 
 
-def _tiny_lora(dropout: float):
-    """tiny-llama + LoRA r=4 with non-zero B (so gradients reach A too): ``(model, tokenizer)``."""
+def _tiny_lora(dropout: float, dtype: str = "float32"):
+    """tiny-llama (base in ``dtype``) + LoRA r=4 with non-zero B (so gradients reach A too):
+    ``(model, tokenizer)``."""
     from fedtune.models import load_model
 
-    model, tok = load_model(ModelConfig(name="tiny-llama"))
+    model, tok = load_model(ModelConfig(name="tiny-llama", dtype=dtype))
     torch.manual_seed(0)
     pm = attach_adapter(model, PeftConfig(r=4, dropout=dropout))
     with torch.no_grad():
