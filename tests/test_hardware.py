@@ -1,10 +1,13 @@
 """``train.precision: auto`` / ``model.dtype: auto``: bf16 only where the hardware has it natively."""
 
+import os
+
 import pytest
 import torch
 
 import fedtune.hardware as H
 from fedtune.config import load_config
+from fedtune.hardware import KERNEL_CACHE_CAPACITY
 
 CPU = torch.device("cpu")
 
@@ -89,3 +92,22 @@ def test_a_run_with_auto_stores_the_base_in_bf16_where_bf16_is_native(tmp_path, 
     assert saved["train"]["precision"] == "auto" and saved["model"]["dtype"] == "auto"
     rounds = [r for r in res.rows if r["kind"] == "round"]
     assert [r["round"] for r in rounds][-1] == 2 and all(r["val_loss"] == r["val_loss"] for r in rounds)
+
+
+def test_kernel_caches_are_capped_before_the_first_matmul_and_a_users_value_is_kept():
+    """oneDNN and ideep read their cache capacities once, at the process's first matmul: a fresh
+    `fedtune` process has them capped by then; a value the user exported is left alone."""
+    import subprocess
+    import sys
+
+    code = ("import os, sys\nfrom fedtune.cli import main\nsys.argv = ['fedtune', '--help']\n"
+            "try:\n    main()\nexcept SystemExit:\n    pass\n"
+            "print(os.environ.get('ONEDNN_PRIMITIVE_CACHE_CAPACITY'), os.environ.get('LRU_CACHE_CAPACITY'))")
+    env = {k: v for k, v in os.environ.items() if k not in ("ONEDNN_PRIMITIVE_CACHE_CAPACITY", "LRU_CACHE_CAPACITY",
+                                                             "DNNL_PRIMITIVE_CACHE_CAPACITY")}
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
+    assert out.stdout.split()[-2:] == [str(KERNEL_CACHE_CAPACITY)] * 2
+    out = subprocess.run([sys.executable, "-c", code], env={**env, "LRU_CACHE_CAPACITY": "7",
+                                                            "DNNL_PRIMITIVE_CACHE_CAPACITY": "5"},
+                         capture_output=True, text=True, check=True)
+    assert out.stdout.split()[-2:] == ["None", "7"]

@@ -295,6 +295,9 @@ def _describe(args) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from fedtune.hardware import bound_kernel_caches
+
+    bound_kernel_caches()  # before this process's first matmul (fedtune.hardware)
     parser = _parser()
     argv = sys.argv[1:] if argv is None else list(argv)
     args, extra = parser.parse_known_args(argv)

@@ -16,6 +16,7 @@ fp16 is never chosen automatically: it needs loss scaling, which skips steps on 
 from __future__ import annotations
 
 import functools
+import os
 import platform
 
 import torch
@@ -97,6 +98,25 @@ def _libc_malloc_trim():
         return libc.malloc_trim
     except (OSError, AttributeError):  # not glibc (musl, macOS, Windows): nothing to trim
         return None
+
+
+#: entries in each of the two per-shape kernel caches behind torch's CPU matmuls (below).
+KERNEL_CACHE_CAPACITY = 64
+
+
+def bound_kernel_caches(capacity: int = KERNEL_CACHE_CAPACITY) -> None:
+    """Cap the caches in which oneDNN (torch's CPU matmul library) keeps a JIT-compiled kernel and
+    its buffers per matmul shape: oneDNN's primitive cache (``ONEDNN_PRIMITIVE_CACHE_CAPACITY``) and
+    ideep's (``LRU_CACHE_CAPACITY``), 1,024 entries each by default. With bf16 on AMX every new
+    padded length is a new shape, so over a federated run they filled round after round: the
+    quickstart's resident set grew ~130 MB a round and its peak 13% from round 2 to 4; capped at 64
+    both stay flat from round 2 on, at the same speed and to the same numbers (docs/benchmarks.md,
+    train_memory). Both are read once, when the process first multiplies, so the CLI and
+    :func:`fedtune.run.run` call this first; a value the user set (also oneDNN's older
+    ``DNNL_PRIMITIVE_CACHE_CAPACITY``) is kept."""
+    if "DNNL_PRIMITIVE_CACHE_CAPACITY" not in os.environ:
+        os.environ.setdefault("ONEDNN_PRIMITIVE_CACHE_CAPACITY", str(capacity))
+    os.environ.setdefault("LRU_CACHE_CAPACITY", str(capacity))
 
 
 def release_free_memory() -> None:

@@ -25,7 +25,7 @@ from fedtune.checkpoint import find_resumable_checkpoint, load_checkpoint, resto
 from fedtune.client import ClientRuntime, FedClient
 from fedtune.config import Config, config_from_dict, load_saved_config, save_config
 from fedtune.errors import FedtuneError
-from fedtune.hardware import describe_precision, runtime_config
+from fedtune.hardware import bound_kernel_caches, describe_precision, runtime_config
 from fedtune.logs import attach_log_file
 from fedtune.metrics import MetricsLogger
 from fedtune.models import load_model
@@ -423,6 +423,7 @@ def run(cfg: Config, resume: Path | str | None = None, *, verbose: bool = True, 
     logger closed.
     """
     t_start = time.perf_counter()
+    bound_kernel_caches()  # before the first matmul (a no-op once the CLI did it)
     echo = (lambda s: print(s, flush=True)) if verbose else (lambda s: None)
     # Whatever can reject the input comes before anything is written: the device, the run
     # directory (checked, and locked when it exists), then the model, the data and the eval tasks

@@ -120,6 +120,9 @@ def _checkpoint_clients(run_dir: Path) -> list[str] | None:
 
 @app.main()
 def main(grid: Grid, context: Context) -> None:
+    from fedtune.hardware import bound_kernel_caches
+
+    bound_kernel_caches()  # before this process's first matmul (fedtune.hardware)
     cfg = config_from_dict(json.loads(str(context.run_config["fedtune-config"])))
     resume = str(context.run_config.get("resume", "")) or None
     run_deployed(cfg, grid, resume)
