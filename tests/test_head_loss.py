@@ -36,7 +36,9 @@ def test_fp32_loss_and_gradient_equal_the_one_tensor_loss(n, bias):
     want_loss = F.cross_entropy(F.linear(h, w, b), y)
     (want_loss * factor).backward()
     torch.testing.assert_close(got_loss, want_loss.detach(), rtol=1e-6, atol=1e-7)
-    torch.testing.assert_close(got_grad, h.grad, rtol=1e-5, atol=1e-9)
+    # fp32 sums over the vocabulary in another order: a gradient element that nearly cancels is off
+    # by a few ulps of the row's scale (3e-8 of 2.5e-3 on an AVX512 EPYC), so atol follows the scale
+    torch.testing.assert_close(got_grad, h.grad, rtol=1e-5, atol=1e-5 * h.grad.abs().max().item())
 
 
 def test_bf16_autocast_matches_the_bf16_head_with_fp32_softmax():
