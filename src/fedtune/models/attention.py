@@ -1,20 +1,24 @@
 """Attention for training a 16-bit model on the CPU: grouped-query math with fp32 scores.
 
-torch's CPU flash-attention kernel is fast in fp32 and in the forward pass, but its bf16 backward is
-slow: on a 2-core AMX Xeon one SmolLM2 layer (batch 8 x 160 tokens, 9 query and 3 key/value heads)
-took 17.6 ms in that backward against 1.6 ms forward — 0.57 s of a 3.5 s LoRA step
-(docs/benchmarks.md#train_throughput). Over short sequences plain batched matmuls do better: they
-run on the AMX tiles, and grouped-query attention needs no copy of the keys and values per query
-head if each key/value head's query heads are stacked as one ``(G·T, d)`` matrix.
+torch's CPU flash-attention kernel is fast in the forward pass, but its bf16 backward is slow: on a
+2-core AMX Xeon one SmolLM2 layer (batch 8 x 160 tokens, 9 query and 3 key/value heads) took
+17.6 ms in that backward against 1.6 ms forward (docs/benchmarks.md#train_throughput). Its forward,
+and the row log-sum-exp it returns, are good: :class:`GroupedAttention` keeps them and does the
+backward itself with batched matmuls, which run on the bf16 matrix units, and without a copy of the
+keys and values per query head: each key/value head's query heads are stacked as one ``(G·T, d)``
+matrix.
 
-:class:`GroupedAttention` computes, per key/value head, ``S = Q Kᵀ · scale`` with fp32 inputs and
-output (as flash attention keeps its scores in fp32: bf16 scores lose ~3 significant digits before
-``exp``), masks, takes the softmax in fp32, multiplies ``P V`` in the 16-bit dtype, and keeps only
-the row log-sum-exp for the backward, where ``P`` is recomputed (FlashAttention's recomputation,
-arXiv 2205.14135): ``dV = Pᵀ dO``, ``dP = dO Vᵀ`` (fp32: ``dP − rowsum(P ∘ dP)`` cancels),
-``dS = P ∘ (dP − δ) · scale``, ``dQ = dS K``, ``dK = dSᵀ Q``. Its error against a float64 reference
-is that of torch's bf16 flash kernel (tests/test_attention.py). No library has a faster CPU
-training path for this, so it is written here.
+The backward recomputes ``P`` from the saved log-sum-exp (FlashAttention's recomputation, arXiv
+2205.14135): ``S = Q Kᵀ · scale`` with fp32 inputs and output (as flash attention keeps its scores
+in fp32: bf16 scores lose ~3 significant digits before ``exp``) plus the mask as a 0 / -inf fp32
+bias, ``P = exp(S − lse)``, ``dV = Pᵀ dO``, ``dP = dO Vᵀ`` (fp32: ``dP − rowsum(P ∘ dP)``
+cancels), ``dS = P ∘ (dP − δ) · scale``, ``dQ = dS K``, ``dK = dSᵀ Q``. Autocast is off inside
+(under it, ``matmul`` would round the fp32 scores to bf16 — up to 16% error in the gradients of
+large scores), and the key/value heads are taken a few at a time so that each thread's scores
+(~1 MB) stay in its L2 cache through the ten-odd passes over them. Its error against a float64
+reference is that of torch's bf16 flash kernel (tests/test_attention.py). In a SmolLM2 LoRA step
+on a 2-core AVX512-BF16 EPYC it is 5% faster than SDPA (docs/benchmarks.md#train_throughput). No
+library has this backward on the CPU, so it is written here.
 
 It is registered with transformers as :data:`ATTENTION` and serves only the case it was measured
 for — CPU, bf16/fp16, gradients on, no attention dropout, no soft-capping, sinks or position bias,
@@ -47,46 +51,78 @@ class GroupedAttention(torch.autograd.Function):
         B, H, T, d = q.shape
         KV, S = k.shape[1], k.shape[2]
         G = H // KV
-        qg = q.reshape(B, KV, G * T, d)  # query heads of one key/value head stacked as rows
-        keep = _grouped_mask(keep, G, T, S, q.device)
-        s = _scores(qg, k, scale, keep)
-        m = s.amax(dim=-1, keepdim=True).nan_to_num_(neginf=0.0)  # a fully masked row: max 0, sum 0
-        p = s.sub_(m).exp_()
-        z = p.sum(dim=-1, keepdim=True).clamp_(min=torch.finfo(torch.float32).tiny)
-        lse = z.log().add_(m)
-        o = torch.matmul(p.div_(z).to(v.dtype), v)
-        ctx.save_for_backward(qg, k, v, keep, lse)
-        ctx.scale, ctx.shape = scale, (B, H, T, d)
-        return o.view(B, KV, G, T, d).reshape(B, H, T, d)
+        with _no_autocast(q):
+            bias = _mask_bias(keep, T, S, q.device)
+            # torch's CPU flash kernel: fp32 scores in cache-sized blocks, and the row log-sum-exp
+            # (0 for a row with nothing to attend to, whose output is 0)
+            kh, vh = (k, v) if G == 1 else (k.repeat_interleave(G, 1), v.repeat_interleave(G, 1))
+            o, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
+                q, kh, vh, 0.0, False, attn_mask=bias, scale=scale)
+        qg = q.reshape(B * KV, G * T, d)  # per key/value head, its query heads stacked as rows
+        ctx.save_for_backward(qg, k.reshape(B * KV, S, d), v.reshape(B * KV, S, d), bias,
+                              lse.reshape(B * KV, G * T, 1))
+        ctx.scale, ctx.shape = scale, (B, H, T, d, KV)
+        return o
 
     @staticmethod
     def backward(ctx, do: torch.Tensor):
-        qg, k, v, keep, lse = ctx.saved_tensors
-        B, H, T, d = ctx.shape
-        KV = k.shape[1]
-        dog = do.reshape(B, KV, (H // KV) * T, d)
-        p = _scores(qg, k, ctx.scale, keep).sub_(lse).exp_()  # P again, from the saved log-sum-exp
-        dv = torch.matmul(p.to(v.dtype).transpose(-1, -2), dog)
-        dp = torch.matmul(dog.float(), v.float().transpose(-1, -2))
-        delta = (dp * p).sum(dim=-1, keepdim=True)
-        ds = p.mul_(dp.sub_(delta)).mul_(ctx.scale).to(qg.dtype)
-        dq = torch.matmul(ds, k).view(B, KV, H // KV, T, d).reshape(B, H, T, d)
-        dk = torch.matmul(ds.transpose(-1, -2), qg)
-        return dq, dk, dv, None, None
+        qg, k, v, bias, lse = ctx.saved_tensors
+        B, H, T, d, KV = ctx.shape
+        G, S = H // KV, k.shape[1]
+        with _no_autocast(qg):
+            dog = do.reshape(B * KV, G * T, d)
+            dq, dk, dv = torch.empty_like(qg), torch.empty_like(k), torch.empty_like(v)
+            for c in _chunks(B * KV, G * T * S):
+                p = _scores(qg[c], k[c], ctx.scale, _bias_of(bias, KV, c), G).sub_(lse[c]).exp_()  # P again
+                torch.matmul(p.to(v.dtype).transpose(-1, -2), dog[c], out=dv[c])
+                dp = torch.matmul(dog[c].float(), v[c].float().transpose(-1, -2))
+                delta = (dp * p).sum(dim=-1, keepdim=True)
+                ds = p.mul_(dp.sub_(delta)).mul_(ctx.scale).to(qg.dtype)
+                torch.matmul(ds, k[c], out=dq[c])
+                torch.matmul(ds.transpose(-1, -2), qg[c], out=dk[c])
+        return dq.view(B, KV, G, T, d).reshape(B, H, T, d), dk.view(B, KV, S, d), dv.view(B, KV, S, d), None, None
 
 
-def _grouped_mask(keep: torch.Tensor | None, G: int, T: int, S: int, device) -> torch.Tensor:
-    """``keep`` as ``(B or 1, 1, G·T, S)``: row ``g·T + t`` is query position ``t``."""
+#: fp32 scores one thread works on at a time: about what stays in a core's L2 cache
+CHUNK_BYTES = 1 << 20
+
+
+def _chunks(n: int, scores_per_unit: int) -> list[slice]:
+    """Slices of the ``n`` key/value heads (over the batch) to process together: each thread gets
+    about :data:`CHUNK_BYTES` of scores, so the ten-odd passes over them stay in cache."""
+    per_thread = max(1, CHUNK_BYTES // (4 * scores_per_unit))
+    step = per_thread * torch.get_num_threads()
+    return [slice(i, min(n, i + step)) for i in range(0, n, step)]
+
+
+def _no_autocast(t: torch.Tensor):
+    """Autocast off on ``t``'s device: every dtype in here is chosen explicitly."""
+    return torch.autocast(t.device.type, enabled=False)
+
+
+def _mask_bias(keep: torch.Tensor | None, T: int, S: int, device) -> torch.Tensor:
+    """``keep`` as an additive fp32 ``(B or 1, 1, T, S)`` bias: 0 where a query may attend, -inf
+    elsewhere (one fp32 add per score; torch's reads of boolean tensors are not vectorised)."""
     if keep is None:  # causal: query t (of the last T positions) sees keys up to S - T + t
         keep = torch.ones(T, S, dtype=torch.bool, device=device).tril(S - T)[None, None]
-    b = keep.shape[0]
-    return keep.expand(b, 1, T, S)[:, :, None].expand(b, 1, G, T, S).reshape(b, 1, G * T, S)
+    keep = keep.expand(keep.shape[0], 1, T, S)
+    return torch.zeros(keep.shape, dtype=torch.float32, device=device).masked_fill_(~keep, float("-inf"))
 
 
-def _scores(qg: torch.Tensor, k: torch.Tensor, scale: float, keep: torch.Tensor) -> torch.Tensor:
-    """fp32 ``Q Kᵀ · scale`` with masked entries at -inf."""
+def _bias_of(bias: torch.Tensor, KV: int, c: slice) -> torch.Tensor:
+    """The bias rows of the key/value heads in ``c`` (unit ``u`` is batch row ``u // KV``)."""
+    if bias.shape[0] == 1:
+        return bias
+    return bias.index_select(0, torch.arange(c.start, c.stop, device=bias.device) // KV)
+
+
+def _scores(qg: torch.Tensor, k: torch.Tensor, scale: float, bias: torch.Tensor, G: int) -> torch.Tensor:
+    """fp32 ``Q Kᵀ · scale`` plus the mask's bias, ``(n, G·T, S)`` (row ``g·T + t`` is query ``t``
+    of the key/value head's ``g``-th query head)."""
     s = torch.matmul(qg.float(), k.float().transpose(-1, -2)).mul_(scale)
-    return s.masked_fill_(~keep, float("-inf"))
+    n, GT, S = s.shape
+    s.view(n, G, GT // G, S).add_(bias)
+    return s
 
 
 def training_attention(module: torch.nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
