@@ -138,3 +138,33 @@ def test_work_split_in_cache_sized_chunks_gives_the_same_bits(monkeypatch):
         results.append(_ours(q, k, v, keep, g, 0.4))
     for name, a, b in zip(("out", "dq", "dk", "dv"), *results):
         assert torch.equal(a, b), name
+
+
+def test_the_layers_of_a_forward_share_one_mask_bias():
+    from fedtune.models.attention import _mask_bias
+
+    keep = torch.ones(2, 1, 5, 5, dtype=torch.bool).tril()
+    first = _mask_bias(keep, 5, 5, "cpu")
+    assert _mask_bias(keep, 5, 5, "cpu") is first  # the next layer: the same object, built once
+    assert torch.equal(first[0, 0], torch.zeros(5, 5).masked_fill(~keep[0, 0], float("-inf")))
+    keep[1, 0, 4, 0] = False  # changed in place: a new bias
+    again = _mask_bias(keep, 5, 5, "cpu")
+    assert again is not first and again[1, 0, 4, 0] == float("-inf") and first[1, 0, 4, 0] == 0
+    assert _mask_bias(keep.clone(), 5, 5, "cpu") is not again  # another mask object
+
+
+def test_a_torch_without_the_cpu_flash_op_keeps_sdpa(monkeypatch):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from fedtune.models import attention
+
+    cfg = LlamaConfig(vocab_size=64, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                      num_attention_heads=2, num_key_value_heads=1, attn_implementation="sdpa")
+    monkeypatch.setattr(attention, "flash_forward_available", lambda: False)
+    model = LlamaForCausalLM(cfg)
+    assert not attention.use_training_attention(model)
+    assert model.config._attn_implementation == "sdpa"
+    monkeypatch.undo()
+    assert attention.flash_forward_available()  # the torch this project pins has it
+    assert attention.use_training_attention(model)
+    assert model.config._attn_implementation == ATTENTION

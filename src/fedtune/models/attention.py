@@ -100,13 +100,24 @@ def _no_autocast(t: torch.Tensor):
     return torch.autocast(t.device.type, enabled=False)
 
 
+_last_bias: tuple = ()  # (keep, its version, T, S, bias): every layer of a forward gets the same mask
+
+
 def _mask_bias(keep: torch.Tensor | None, T: int, S: int, device) -> torch.Tensor:
     """``keep`` as an additive fp32 ``(B or 1, 1, T, S)`` bias: 0 where a query may attend, -inf
-    elsewhere (one fp32 add per score; torch's reads of boolean tensors are not vectorised)."""
-    if keep is None:  # causal: query t (of the last T positions) sees keys up to S - T + t
-        keep = torch.ones(T, S, dtype=torch.bool, device=device).tril(S - T)[None, None]
-    keep = keep.expand(keep.shape[0], 1, T, S)
-    return torch.zeros(keep.shape, dtype=torch.float32, device=device).masked_fill_(~keep, float("-inf"))
+    elsewhere (one fp32 add per score; torch's reads of boolean tensors are not vectorised). The
+    layers of one forward share one mask object, so they share its bias (built once, saved once)."""
+    global _last_bias
+    if keep is not None and _last_bias and _last_bias[0] is keep and _last_bias[1:4] == (keep._version, T, S):
+        return _last_bias[4]
+    mask = keep
+    if mask is None:  # causal: query t (of the last T positions) sees keys up to S - T + t
+        mask = torch.ones(T, S, dtype=torch.bool, device=device).tril(S - T)[None, None]
+    mask = mask.expand(mask.shape[0], 1, T, S)
+    bias = torch.zeros(mask.shape, dtype=torch.float32, device=device).masked_fill_(~mask, float("-inf"))
+    if keep is not None:
+        _last_bias = (keep, keep._version, T, S, bias)
+    return bias
 
 
 def _bias_of(bias: torch.Tensor, KV: int, c: slice) -> torch.Tensor:
@@ -151,6 +162,12 @@ def _serves(q: torch.Tensor, k: torch.Tensor, mask: torch.Tensor | None, dropout
             and not kwargs.get("output_attentions", False))
 
 
+def flash_forward_available() -> bool:
+    """Whether this torch has the CPU flash-attention op the forward calls (a private aten op:
+    present from torch 2.2 on; without it a model keeps transformers' SDPA)."""
+    return hasattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu")
+
+
 def register() -> None:
     """Make :data:`ATTENTION` known to transformers (idempotent)."""
     from transformers import AttentionInterface
@@ -166,6 +183,9 @@ def use_training_attention(model: torch.nn.Module) -> bool:
     interface) are left as they are."""
     config = getattr(model, "config", None)
     if getattr(config, "_attn_implementation", None) != "sdpa" or not hasattr(model, "set_attn_implementation"):
+        return False
+    if not flash_forward_available():
+        log.debug("this torch has no CPU flash-attention op; %s keeps SDPA attention", type(model).__name__)
         return False
     register()
     try:
