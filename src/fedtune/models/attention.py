@@ -48,9 +48,8 @@ class GroupedAttention(torch.autograd.Function):
     @staticmethod
     def forward(ctx, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, keep: torch.Tensor | None,
                 scale: float) -> torch.Tensor:
-        B, H, T, d = q.shape
-        KV, S = k.shape[1], k.shape[2]
-        G = H // KV
+        T, S = q.shape[2], k.shape[2]
+        G = q.shape[1] // k.shape[1]  # query heads per key/value head
         with _no_autocast(q):
             bias = _mask_bias(keep, T, S, q.device)
             # torch's CPU flash kernel: fp32 scores in cache-sized blocks, and the row log-sum-exp
@@ -58,19 +57,18 @@ class GroupedAttention(torch.autograd.Function):
             kh, vh = (k, v) if G == 1 else (k.repeat_interleave(G, 1), v.repeat_interleave(G, 1))
             o, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
                 q, kh, vh, 0.0, False, attn_mask=bias, scale=scale)
-        qg = q.reshape(B * KV, G * T, d)  # per key/value head, its query heads stacked as rows
-        ctx.save_for_backward(qg, k.reshape(B * KV, S, d), v.reshape(B * KV, S, d), bias,
-                              lse.reshape(B * KV, G * T, 1))
-        ctx.scale, ctx.shape = scale, (B, H, T, d, KV)
+        ctx.save_for_backward(q, k, v, bias, lse)
+        ctx.scale = scale
         return o
 
     @staticmethod
     def backward(ctx, do: torch.Tensor):
-        qg, k, v, bias, lse = ctx.saved_tensors
-        B, H, T, d, KV = ctx.shape
-        G, S = H // KV, k.shape[1]
-        with _no_autocast(qg):
-            dog = do.reshape(B * KV, G * T, d)
+        q, k, v, bias, lse = ctx.saved_tensors
+        (B, H, T, d), (KV, S) = q.shape, k.shape[1:3]
+        G = H // KV
+        with _no_autocast(q):
+            qg, dog = q.reshape(B * KV, G * T, d), do.reshape(B * KV, G * T, d)  # a head's queries as rows
+            k, v, lse = k.reshape(B * KV, S, d), v.reshape(B * KV, S, d), lse.reshape(B * KV, G * T, 1)
             dq, dk, dv = torch.empty_like(qg), torch.empty_like(k), torch.empty_like(v)
             for c in _chunks(B * KV, G * T * S):
                 p = _scores(qg[c], k[c], ctx.scale, _bias_of(bias, KV, c), G).sub_(lse[c]).exp_()  # P again
