@@ -81,14 +81,20 @@ def test_padding_mask_offset_queries_and_rows_with_nothing_to_attend():
         assert _rel(a, w) < 1e-2, name
 
 
-def test_everything_else_goes_to_transformers_sdpa_unchanged():
+def test_everything_else_goes_to_transformers_sdpa_unchanged(monkeypatch):
     from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
+    def not_here(*args):
+        raise AssertionError("GroupedAttention served a case that belongs to SDPA")
+
+    monkeypatch.setattr(GroupedAttention, "apply", not_here)  # its forward is torch's flash kernel: same bits
     module = torch.nn.Module()
     module.is_causal = True
     q, k, v, _ = _inputs(2, 4, 2, 6, 6)
     k, v = k.repeat_interleave(2, 1).detach(), v.repeat_interleave(2, 1).detach()
     cases = {"no grad": (q.detach(), k, v), "fp32": (q.float(), k.float(), v.float())}
+    ql, kl, vl, _ = _inputs(1, 2, 2, 400, 400)  # a key/value head's scores: 400 x 400 x 4 > MAX_SCORE_BYTES
+    cases["long"] = (ql, kl, vl)
     for name, (qq, kk, vv) in cases.items():
         with torch.set_grad_enabled(name != "no grad"):
             got, _ = training_attention(module, qq, kk, vv, None, scaling=0.25)
@@ -168,3 +174,22 @@ def test_a_torch_without_the_cpu_flash_op_keeps_sdpa(monkeypatch):
     assert attention.flash_forward_available()  # the torch this project pins has it
     assert attention.use_training_attention(model)
     assert model.config._attn_implementation == ATTENTION
+
+
+def test_keys_nobody_attends_get_exactly_zero_gradients_and_tiny_probabilities_stay_accurate():
+    """The backward floors exp's argument (torch's CPU exp is slow where it underflows) and zeroes
+    masked entries by the mask: padded keys must get exactly 0 in dK and dV, and a row whose scores
+    span far more than 87 (probabilities far below e^-87) must still match float64."""
+    q, k, v, g = _inputs(2, 6, 2, 8, 8)
+    with torch.no_grad():
+        q[0, :, 5].mul_(60.0)  # queries 5 of batch row 0: scores spread over hundreds
+    keep = torch.ones(8, 8, dtype=torch.bool).tril()[None, None].repeat(2, 1, 1, 1)
+    keep[1, :, :, 6:] = False  # keys 6, 7 of batch row 1: padding
+    keep[1, :, 6:, :6] = False  # ...and their queries see nothing
+    want = _reference(q, k, v, keep, g, 0.25)
+    ours = _ours(q, k, v, keep, g, 0.25)
+    for name, i in (("dk", 2), ("dv", 3)):
+        assert torch.equal(ours[i][1, :, 6:], torch.zeros_like(ours[i][1, :, 6:])), name
+    assert ours[3][0, :, 6:].abs().sum() > 0  # the same keys in row 0 are attended and get gradients
+    for name, a, w in zip(("out", "dq", "dk", "dv"), ours, want):
+        assert _rel(a, w) < 1e-2, name

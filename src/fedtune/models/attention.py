@@ -11,7 +11,8 @@ matrix.
 The backward recomputes ``P`` from the saved log-sum-exp (FlashAttention's recomputation, arXiv
 2205.14135): ``S = Q Kᵀ · scale`` with fp32 inputs and output (as flash attention keeps its scores
 in fp32: bf16 scores lose ~3 significant digits before ``exp``) plus the mask as a 0 / -inf fp32
-bias, ``P = exp(S − lse)``, ``dV = Pᵀ dO``, ``dP = dO Vᵀ`` (fp32: ``dP − rowsum(P ∘ dP)``
+bias, ``P = exp(S − lse)`` (its argument floored where ``exp`` would be slow:
+:func:`_probabilities`), ``dV = Pᵀ dO``, ``dP = dO Vᵀ`` (fp32: ``dP − rowsum(P ∘ dP)``
 cancels), ``dS = P ∘ (dP − δ) · scale``, ``dQ = dS K``, ``dK = dSᵀ Q``. Autocast is off inside
 (under it, ``matmul`` would round the fp32 scores to bf16 — up to 16% error in the gradients of
 large scores), and the key/value heads are taken a few at a time so that each thread's scores
@@ -22,8 +23,11 @@ library has this backward on the CPU, so it is written here.
 
 It is registered with transformers as :data:`ATTENTION` and serves only the case it was measured
 for — CPU, bf16/fp16, gradients on, no attention dropout, no soft-capping, sinks or position bias,
-a boolean mask or none; everything else (fp32, inference, generation, GPUs) goes to transformers'
-own SDPA function unchanged.
+a boolean mask or none, and sequences short enough that one key/value head's fp32 scores fit
+:data:`MAX_SCORE_BYTES` (the chunks stop fitting the cache beyond it: against SDPA, one SmolLM2
+layer forward and backward read 0.95x at 192 tokens, 1.03x at 256, 1.08x at 384 and 1.24x at 512,
+``benchmarks/attention.py``); everything else (fp32, inference, generation, GPUs, long sequences)
+goes to transformers' own SDPA function unchanged.
 """
 
 from __future__ import annotations
@@ -71,7 +75,8 @@ class GroupedAttention(torch.autograd.Function):
             k, v, lse = k.reshape(B * KV, S, d), v.reshape(B * KV, S, d), lse.reshape(B * KV, G * T, 1)
             dq, dk, dv = torch.empty_like(qg), torch.empty_like(k), torch.empty_like(v)
             for c in _chunks(B * KV, G * T * S):
-                p = _scores(qg[c], k[c], ctx.scale, _bias_of(bias, KV, c), G).sub_(lse[c]).exp_()  # P again
+                b = _bias_of(bias, KV, c)
+                p = _probabilities(_scores(qg[c], k[c], ctx.scale, b, G).sub_(lse[c]), b, G)  # P again
                 torch.matmul(p.to(v.dtype).transpose(-1, -2), dog[c], out=dv[c])
                 dp = torch.matmul(dog[c].float(), v[c].float().transpose(-1, -2))
                 delta = (dp * p).sum(dim=-1, keepdim=True)
@@ -83,6 +88,8 @@ class GroupedAttention(torch.autograd.Function):
 
 #: fp32 scores one thread works on at a time: about what stays in a core's L2 cache
 CHUNK_BYTES = 1 << 20
+#: the largest fp32 scores of one key/value head (G·T·S·4 bytes) this attention takes; longer go to SDPA
+MAX_SCORE_BYTES = 1 << 19
 
 
 def _chunks(n: int, scores_per_unit: int) -> list[slice]:
@@ -134,6 +141,26 @@ def _scores(qg: torch.Tensor, k: torch.Tensor, scale: float, bias: torch.Tensor,
     return s
 
 
+#: the floor of ``exp``'s argument in the backward: e^-87 ≈ 1.6e-38 is still a normal fp32 number
+EXP_FLOOR = -87.0
+
+
+def _probabilities(x: torch.Tensor, bias: torch.Tensor, G: int) -> torch.Tensor:
+    """``exp(x)`` in place for ``x = S − lse`` of shape ``(n, G·T, S)``, masked entries exactly 0.
+
+    torch's vectorised CPU ``exp`` is slow where its result underflows: 3x on ``-inf`` (the causal
+    mask's half of the scores) and up to 15x on arguments below about -87 (2-core AVX512 EPYC,
+    docs/benchmarks.md#train_throughput; ``torch.set_flush_denormal`` does not change it). So the
+    argument is floored at :data:`EXP_FLOOR` and the masked entries are zeroed by the mask itself (a
+    ``uint8`` product: vectorised, unlike a boolean one). A probability below e^-87 becomes e^-87, a
+    change of at most 1.6e-38 absolute; every masked entry stays exactly 0, so keys no query may
+    attend get exactly zero gradients. Hand-written: no library has this backward (module docstring)."""
+    x.clamp_min_(EXP_FLOOR).exp_()
+    n, GT, S = x.shape
+    x.view(n, G, GT // G, S).mul_((bias == 0).view(torch.uint8))
+    return x
+
+
 def training_attention(module: torch.nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
                        attention_mask: torch.Tensor | None, dropout: float = 0.0, scaling: float | None = None,
                        is_causal: bool | None = None, **kwargs):
@@ -155,6 +182,7 @@ def training_attention(module: torch.nn.Module, query: torch.Tensor, key: torch.
 def _serves(q: torch.Tensor, k: torch.Tensor, mask: torch.Tensor | None, dropout: float, kwargs: dict) -> bool:
     return (q.device.type == "cpu" and q.dtype in (torch.bfloat16, torch.float16) and torch.is_grad_enabled()
             and (q.requires_grad or k.requires_grad) and not dropout and q.shape[1] % k.shape[1] == 0
+            and q.shape[1] // k.shape[1] * q.shape[2] * k.shape[2] * 4 <= MAX_SCORE_BYTES
             and (mask is None or (mask.dtype == torch.bool and mask.dim() == 4 and mask.shape[1] == 1))
             and all(kwargs.get(x) is None for x in ("softcap", "s_aux", "position_bias"))
             and not kwargs.get("output_attentions", False))
