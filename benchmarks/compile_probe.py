@@ -7,11 +7,14 @@ AdamW, bf16 autocast, HF's loss on random token ids at batch 8:
 * ``--mode compile``: the same with ``torch.compile(step)`` (static shapes: every new padded length
   would compile again);
 * ``--mode dynamic``: ``torch.compile(step, dynamic=True)``, then lengths 160, 144, 176, 160, 120 —
-  each one's first step (compile or not) and the median of 3 more.
+  each one's first step (compile or not) and the median of 3 more;
+* ``--mode regional``: the step stays eager, each decoder layer is compiled (``layer.compile(dynamic=
+  True)``: one graph for all the layers, the cheap-to-compile form), with inductor's
+  ``fallback_random`` (dropout draws torch's own numbers), the KV cache off; lengths as ``dynamic``.
 
 Not a fedtune feature yet: the figures in docs/benchmarks.md#train_throughput decide whether an
 opt-in ``train.compile`` is worth building. Last line of stdout: one JSON object.
-Usage: ``python benchmarks/compile_probe.py --mode eager|compile|dynamic``.
+Usage: ``python benchmarks/compile_probe.py --mode eager|compile|dynamic|regional``.
 """
 
 from __future__ import annotations
@@ -27,7 +30,7 @@ import torch
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--mode", choices=["eager", "compile", "dynamic"], required=True)
+    ap.add_argument("--mode", choices=["eager", "compile", "dynamic", "regional"], required=True)
     args = ap.parse_args()
     from fedtune.adapters import attach_adapter, trainable_parameters
     from fedtune.config import ModelConfig, PeftConfig
@@ -44,7 +47,15 @@ def main() -> None:
         out.loss.backward()
         return out.loss
 
-    f = {"eager": step, "compile": torch.compile(step), "dynamic": torch.compile(step, dynamic=True)}[args.mode]
+    f = {"eager": step, "compile": torch.compile(step), "dynamic": torch.compile(step, dynamic=True),
+         "regional": step}[args.mode]
+    if args.mode == "regional":
+        import torch._inductor.config as inductor_config
+
+        inductor_config.fallback_random = True
+        pm.get_base_model().config.use_cache = False  # a cache object per call would recompile per layer
+        for layer in pm.get_base_model().model.layers:
+            layer.compile(dynamic=True)
 
     def timed(ids):
         t = time.perf_counter()
@@ -54,7 +65,7 @@ def main() -> None:
         return time.perf_counter() - t
 
     out: dict = {"benchmark": "compile_probe", "mode": args.mode, "batch": 8, "torch": torch.__version__}
-    if args.mode == "dynamic":
+    if args.mode in ("dynamic", "regional"):
         out["by_length"] = {}
         for T in (160, 144, 176, 160, 120):
             ids = torch.randint(0, 49152, (8, T))
