@@ -18,7 +18,9 @@ The product takes the mask viewed as bytes (``uint8``, the same 0s and 1s): torc
 kernels convert a boolean operand one element at a time, a ``uint8`` one vectorised — 0.74 ms
 against 0.19 ms for a 1280 × 576 bf16 activation on an AVX512 EPYC, in the forward and again in
 the backward (+5% a SmolLM2 LoRA step).
-No library does this, so it is written here.
+No library does this, so it is written here. Where :mod:`fedtune.mt_bernoulli` has checked that
+it reproduces this torch's CPU sampler bit for bit (AMD CPUs, numba installed), the mask comes from
+there: the same draws, 3x faster than torch's serial loop.
 
 :class:`FastDropout` (opt-in: ``train.fast_dropout: true``) is another random sample: on a CPU torch
 draws each mask element through its Bernoulli sampler from the one Mersenne-Twister generator, a
@@ -44,6 +46,8 @@ import contextlib
 from collections.abc import Iterator
 
 import torch
+
+from fedtune import mt_bernoulli
 
 _LANES = 65536  # 16-bit uniforms
 
@@ -93,7 +97,10 @@ class MaskDropout(torch.nn.Module):
             return x
         if self.p == 1:
             return x * 0.0
-        keep = torch.empty_like(x, dtype=torch.bool).bernoulli_(1 - self.p)
+        if x.device.type == "cpu" and x.is_contiguous() and mt_bernoulli.available():
+            keep = mt_bernoulli.bernoulli_keep(tuple(x.shape), 1 - self.p)  # the same draws, compiled
+        else:
+            keep = torch.empty_like(x, dtype=torch.bool).bernoulli_(1 - self.p)
         return x.mul(self.scale).mul_(keep.view(torch.uint8))  # bytes: torch's bool reads are not vectorised
 
 
