@@ -24,8 +24,9 @@ there: the same draws, 3x faster than torch's serial loop.
 
 :class:`FastDropout` (opt-in: ``train.fast_dropout: true``) is another random sample: on a CPU torch
 draws each mask element through its Bernoulli sampler from the one Mersenne-Twister generator, a
-64-bit draw per element on one thread (~3.5 ms for a 1280 × 576 activation here): on SmolLM2 + LoRA
-that is a quarter to a third of a training step (docs/benchmarks.md#train_throughput).
+64-bit draw per element on one thread (~2.7 ms for a 1280 × 576 activation on an AVX512 EPYC): on
+SmolLM2 + LoRA that was a quarter to a third of a training step (docs/benchmarks.md#train_throughput;
+with the compiled exact masks above, about a ninth).
 :class:`FastDropout` takes 64-bit words from the same default generator (``random_`` over the full
 64-bit range) and reads each as four 16-bit uniforms u ∈ {0, …, 65535}: a quarter of the draws.
 With t = round(p · 65536), an element is kept when u ≥ t — probability 1 − t/65536 — and kept
