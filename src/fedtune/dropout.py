@@ -20,7 +20,7 @@ against 0.19 ms for a 1280 × 576 bf16 activation on an AVX512 EPYC, in the forw
 the backward (+5% a SmolLM2 LoRA step).
 No library does this, so it is written here. Where :mod:`fedtune.mt_bernoulli` has checked that
 it reproduces this torch's CPU sampler bit for bit (AMD CPUs, numba installed), the mask comes from
-there: the same draws, 3x faster than torch's serial loop.
+there: the same draws, 5x faster than torch's serial loop.
 
 :class:`FastDropout` (opt-in: ``train.fast_dropout: true``) is another random sample: on a CPU torch
 draws each mask element through its Bernoulli sampler from the one Mersenne-Twister generator, a
