@@ -3,17 +3,21 @@
 
 The shape is one SmolLM2-135M attention layer at fedtune's training batch: batch 8, 9 query and 3
 key/value heads of 64, bf16, a causal mask with right padding in half the rows (their last quarter
-of keys), at lengths 96, 160 and 256. Arms, interleaved repeat by repeat (a shared VM drifts):
+of keys), at lengths 96, 160, 256 and 384. Arms, interleaved repeat by repeat (a shared VM drifts):
 
 * ``sdpa`` (baseline): ``torch.nn.functional.scaled_dot_product_attention`` with ``enable_gqa`` —
   what transformers' SDPA attention runs (torch's CPU flash kernel, forward and backward);
-* ``fedtune``: :class:`fedtune.models.attention.GroupedAttention` as shipped;
-* ``fedtune_plain_exp``: the same with its backward's ``exp`` unfloored (``exp_`` on the raw
-  ``S − lse``, masked entries ``-inf``): what :func:`fedtune.models.attention._probabilities` saves.
+* ``grouped``: :class:`fedtune.models.attention.GroupedAttention` (flash forward, fedtune's chunked
+  backward), what fedtune trains with where one key/value head's scores fit ``MAX_SCORE_BYTES``;
+* ``grouped_plain_exp``: the same with its backward's ``exp`` unfloored (``exp_`` on the raw
+  ``S − lse``, masked entries ``-inf``): what :func:`fedtune.models.attention._probabilities` saves;
+* ``folded``: :class:`fedtune.models.attention.FoldedFlashAttention` (torch's flash kernel forward
+  and backward, each key/value head's query heads folded into its rows), what fedtune trains with
+  on longer sequences.
 
 Each arm's time is the median over ``--repeats`` of the mean of 10 calls (forward, then
 ``autograd.grad`` of a fixed output gradient). Usage: ``python benchmarks/attention.py
-[--repeats N] [--lengths 96,160,256]``. Progress on stderr; the last stdout line is one JSON object.
+[--repeats N] [--lengths 96,160,256,384]``. Progress on stderr; the last stdout line is one JSON object.
 """
 
 from __future__ import annotations
@@ -52,6 +56,9 @@ def _arms():
     def ours(q, k, v, keep, do):
         torch.autograd.grad(attention.GroupedAttention.apply(q, k, v, keep, D**-0.5), (q, k, v), do)
 
+    def folded(q, k, v, keep, do):
+        torch.autograd.grad(attention.FoldedFlashAttention.apply(q, k, v, keep, D**-0.5), (q, k, v), do)
+
     def plain_exp(q, k, v, keep, do):
         floored = attention._probabilities
         attention._probabilities = lambda x, bias, G: x.exp_()
@@ -64,7 +71,7 @@ def _arms():
         o = F.scaled_dot_product_attention(q, k, v, attn_mask=keep, scale=D**-0.5, enable_gqa=True)
         torch.autograd.grad(o, (q, k, v), do)
 
-    return {"sdpa": sdpa, "fedtune": ours, "fedtune_plain_exp": plain_exp}
+    return {"sdpa": sdpa, "grouped": ours, "grouped_plain_exp": plain_exp, "folded": folded}
 
 
 def _time(step, case, calls: int = 10) -> float:
@@ -78,11 +85,14 @@ def _time(step, case, calls: int = 10) -> float:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--repeats", type=int, default=7)
-    ap.add_argument("--lengths", default="96,160,256")
+    ap.add_argument("--lengths", default="96,160,256,384")
     args = ap.parse_args()
+    from fedtune.models.attention import _fits
+
     arms = _arms()
     out: dict = {"benchmark": "attention", "torch": torch.__version__, "threads": torch.get_num_threads(),
-                 "machine": platform.processor() or platform.machine(), "shape": [B, H, KV, D], "ms": {}}
+                 "machine": platform.processor() or platform.machine(), "shape": [B, H, KV, D], "ms": {},
+                 "fedtune_ships": {}}
     for T in (int(x) for x in args.lengths.split(",")):
         case = _case(T)
         times: dict[str, list[float]] = {name: [] for name in arms}
@@ -92,9 +102,11 @@ def main() -> None:
                 times[name].append(_time(arms[name], case))
         med = {name: round(statistics.median(ts), 2) for name, ts in times.items()}
         out["ms"][str(T)] = med
+        ships = "grouped" if _fits(case[0], case[1]) else "folded"
+        out["fedtune_ships"][str(T)] = ships
         log(f"T={T}: " + ", ".join(f"{n} {t:.2f} ms" for n, t in med.items())
-            + f"; fedtune / sdpa {med['fedtune'] / med['sdpa']:.2f}, floor saves "
-            f"{1 - med['fedtune'] / med['fedtune_plain_exp']:.1%}")
+            + f"; fedtune trains with {ships}: / sdpa {med[ships] / med['sdpa']:.2f}; the floor saves "
+            f"{1 - med['grouped'] / med['grouped_plain_exp']:.1%} of grouped")
     print(json.dumps(out))
 
 

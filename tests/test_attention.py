@@ -7,7 +7,13 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from fedtune.models.attention import ATTENTION, GroupedAttention, training_attention
+from fedtune.models import attention
+from fedtune.models.attention import (
+    ATTENTION,
+    FoldedFlashAttention,
+    GroupedAttention,
+    training_attention,
+)
 
 
 def _inputs(B, H, KV, T, S, d=16, seed=0):
@@ -32,8 +38,8 @@ def _reference(q, k, v, keep, grad, scale):
     return [o.detach(), q64.grad, k64.grad, v64.grad]
 
 
-def _ours(q, k, v, keep, grad, scale):
-    o = GroupedAttention.apply(q, k, v, keep, scale)
+def _ours(q, k, v, keep, grad, scale, kind=GroupedAttention):
+    o = kind.apply(q, k, v, keep, scale)
     o.backward(grad)
     out = [o.detach(), q.grad, k.grad, v.grad]
     for t in (q, k, v):
@@ -193,3 +199,42 @@ def test_keys_nobody_attends_get_exactly_zero_gradients_and_tiny_probabilities_s
     assert ours[3][0, :, 6:].abs().sum() > 0  # the same keys in row 0 are attended and get gradients
     for name, a, w in zip(("out", "dq", "dk", "dv"), ours, want):
         assert _rel(a, w) < 1e-2, name
+
+
+@pytest.mark.parametrize("heads", [(9, 3), (6, 2)])
+@pytest.mark.parametrize("magnitude", [1.0, 4.0])
+def test_folded_flash_is_as_accurate_as_sdpa_and_handles_padding(heads, magnitude):
+    """The long-sequence path (torch's flash kernel on each key/value head's query heads folded into
+    rows) against float64, with the bar of SDPA's own error on the same case; right padding in one
+    row and a query row with nothing to attend to (zeros out, finite gradients)."""
+    H, KV = heads
+    q, k, v, g = _inputs(3, H, KV, 40, 40)
+    with torch.no_grad():
+        q.mul_(magnitude), k.mul_(magnitude)
+    keep = torch.ones(40, 40, dtype=torch.bool).tril()[None, None].repeat(3, 1, 1, 1)
+    keep[1, :, :, 29:] = False  # row 1: keys 29.. are padding
+    keep[2, :, 0, :] = False  # row 2, query 0: nothing to attend to
+    scale = 16**-0.5
+    want = _reference(q, k, v, keep, g, scale)
+    ours = _ours(q, k, v, keep, g, scale, kind=FoldedFlashAttention)
+    sdpa_out = F.scaled_dot_product_attention(q, k, v, attn_mask=keep, scale=scale, enable_gqa=True)
+    sdpa_out.backward(g)
+    sdpa = [sdpa_out.detach().double(), q.grad.double(), k.grad.double(), v.grad.double()]
+    assert torch.equal(ours[0][2, :, 0], torch.zeros_like(ours[0][2, :, 0]))
+    assert all(t.isfinite().all() for t in ours)
+    for name, a, f, w in zip(("out", "dq", "dk", "dv"), ours, sdpa, want):
+        assert _rel(a, w) <= 1.5 * _rel(f, w) + 1e-3, name
+        assert _rel(a, w) < 1e-2, name
+
+
+def test_long_grouped_query_sequences_go_to_folded_flash_short_ones_to_grouped(monkeypatch):
+    served = []
+    for kind in (GroupedAttention, FoldedFlashAttention):
+        monkeypatch.setattr(kind, "apply", lambda *a, kind=kind: served.append(kind) or a[0].transpose(1, 2))
+    module = torch.nn.Module()
+    module.is_causal = True
+    for T in (8, 300):  # 3 query heads a key/value head: 3 x 300 x 300 x 4 > MAX_SCORE_BYTES
+        assert (3 * T * T * 4 > attention.MAX_SCORE_BYTES) == (T == 300)
+        q, k, v, _ = _inputs(1, 6, 2, T, T)
+        training_attention(module, q, k, v, None, scaling=0.25)
+    assert served == [GroupedAttention, FoldedFlashAttention]
