@@ -232,9 +232,14 @@ def test_long_grouped_query_sequences_go_to_folded_flash_short_ones_to_grouped(m
     for kind in (GroupedAttention, FoldedFlashAttention):
         monkeypatch.setattr(kind, "apply", lambda *a, kind=kind: served.append(kind) or a[0].transpose(1, 2))
     module = torch.nn.Module()
-    module.is_causal = True
+    module.is_causal, module.num_key_value_groups = True, 3  # what transformers' SDPA reads
     for T in (8, 300):  # 3 query heads a key/value head: 3 x 300 x 300 x 4 > MAX_SCORE_BYTES
         assert (3 * T * T * 4 > attention.MAX_SCORE_BYTES) == (T == 300)
         q, k, v, _ = _inputs(1, 6, 2, T, T)
         training_attention(module, q, k, v, None, scaling=0.25)
+    assert served == [GroupedAttention, FoldedFlashAttention]
+    # a folded bias past MAX_FOLDED_BIAS_BYTES (G times SDPA's own): SDPA, not the folded path
+    monkeypatch.setattr(attention, "MAX_FOLDED_BIAS_BYTES", 3 * 300 * 300 * 4 - 1)
+    q, k, v, _ = _inputs(1, 6, 2, 300, 300)
+    training_attention(module, q, k, v, None, scaling=0.25)
     assert served == [GroupedAttention, FoldedFlashAttention]

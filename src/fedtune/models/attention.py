@@ -28,9 +28,10 @@ a boolean mask or none, and sequences short enough that one key/value head's fp3
 layer forward and backward read 0.95x at 192 tokens, 1.03x at 256, 1.08x at 384 and 1.24x at 512,
 ``benchmarks/attention.py``). Longer sequences of a grouped-query model go to
 :class:`FoldedFlashAttention`: torch's flash kernel forward *and* backward, with each key/value
-head's query heads folded into its rows — 0.82x SDPA at 256 tokens, 0.86x at 384, and a smaller
-dK/dV error. Everything else (fp32, inference, generation, GPUs, multi-head models' long
-sequences) goes to transformers' own SDPA function unchanged.
+head's query heads folded into its rows — 0.81x SDPA at 256 tokens, 0.83x at 384, and a smaller
+dK/dV error — up to :data:`MAX_FOLDED_BIAS_BYTES` of folded mask bias (G times the bias SDPA
+builds). Everything else (fp32, inference, generation, GPUs, multi-head models' long sequences,
+longer ones still) goes to transformers' own SDPA function unchanged.
 """
 
 from __future__ import annotations
@@ -130,6 +131,10 @@ class FoldedFlashAttention(torch.autograd.Function):
 CHUNK_BYTES = 1 << 20
 #: the largest fp32 scores of one key/value head (G·T·S·4 bytes) this attention takes; longer go to SDPA
 MAX_SCORE_BYTES = 1 << 19
+#: the largest folded mask bias (batch rows x G x T x S fp32, G times the bias SDPA builds) that
+#: :class:`FoldedFlashAttention` takes; longer sequences go to SDPA (64 MiB: batch 8 of 1,024-token
+#: sequences with 3 query heads a key/value head would need 96 MiB a forward)
+MAX_FOLDED_BIAS_BYTES = 64 << 20
 
 
 def _chunks(n: int, scores_per_unit: int) -> list[slice]:
@@ -219,12 +224,13 @@ def _probabilities(x: torch.Tensor, bias: torch.Tensor, G: int) -> torch.Tensor:
 def training_attention(module: torch.nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
                        attention_mask: torch.Tensor | None, dropout: float = 0.0, scaling: float | None = None,
                        is_causal: bool | None = None, **kwargs):
-    """transformers' attention-function signature: :class:`GroupedAttention` where it was measured
-    to pay (module docstring), transformers' SDPA function everywhere else."""
+    """transformers' attention-function signature: :class:`GroupedAttention` or
+    :class:`FoldedFlashAttention` where each was measured to pay (module docstring), transformers'
+    SDPA function everywhere else."""
     from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
     short = _fits(query, key)
-    if not _eligible(query, key, attention_mask, dropout, kwargs) or not (short or query.shape[1] > key.shape[1]):
+    if not _eligible(query, key, attention_mask, dropout, kwargs) or not (short or _folds(query, key, attention_mask)):
         return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
                                       is_causal=is_causal, **kwargs)
     causal = is_causal if is_causal is not None else getattr(module, "is_causal", True)
@@ -234,6 +240,14 @@ def training_attention(module: torch.nn.Module, query: torch.Tensor, key: torch.
     kind = GroupedAttention if short else FoldedFlashAttention  # long grouped-query sequences: folded flash
     out = kind.apply(query, key, value, attention_mask, scale)
     return out.transpose(1, 2).contiguous(), None  # (B, T, H, d), as transformers' functions return
+
+
+def _folds(q: torch.Tensor, k: torch.Tensor, mask: torch.Tensor | None) -> bool:
+    """A grouped-query case whose folded mask bias (G·T·S fp32 per mask row) fits
+    :data:`MAX_FOLDED_BIAS_BYTES` (:class:`FoldedFlashAttention`'s range)."""
+    G = q.shape[1] // k.shape[1]
+    rows = mask.shape[0] if mask is not None else 1
+    return G > 1 and rows * G * q.shape[2] * k.shape[2] * 4 <= MAX_FOLDED_BIAS_BYTES
 
 
 def _fits(q: torch.Tensor, k: torch.Tensor) -> bool:
