@@ -100,8 +100,9 @@ class FoldedFlashAttention(torch.autograd.Function):
     :data:`MAX_SCORE_BYTES`: one SmolLM2 layer forward and backward (batch 8, 9 query and 3
     key/value heads, right padding) 19.5 ms against SDPA's 24.0 at 256 tokens, 43.6 against 50.5
     at 384, dK/dV closer to float64 than SDPA's (0.018 / 0.029 against 0.035 / 0.084 at 256);
-    at 192 tokens and below :class:`GroupedAttention` is faster (13.8 against 16.4 ms at 192;
-    2-core AVX512 EPYC, docs/benchmarks.md#train_throughput). The arithmetic is the flash
+    at 192 tokens and below :class:`GroupedAttention` is as fast or faster (13.8 against 16.4 ms
+    at 192 in one run, equal at 160 in another; the same in the step) and closer to float64 in
+    dK/dV (2-core AVX512 EPYC, docs/benchmarks.md#train_throughput). The arithmetic is the flash
     kernel's own; only the layout is fedtune's."""
 
     @staticmethod
