@@ -41,8 +41,9 @@ _LEFT, _NEXT, _WORDS = 8, 16, 24  # byte offsets in it
 _N = 624  # MT19937 state words
 
 
-def _compile():
-    """The numba kernels (compiled on first use, cached on disk beside this file)."""
+@functools.cache
+def _kernels():
+    """The numba kernel (compiled on first use, cached on disk beside this file)."""
     import numba as nb
 
     u32 = np.uint32
@@ -113,11 +114,6 @@ def _compile():
         return s - 1
 
     return keep_mask
-
-
-@functools.cache
-def _kernels():
-    return _compile()
 
 
 def _threshold(q: float) -> int:
