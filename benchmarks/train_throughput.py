@@ -30,7 +30,9 @@ real (non-padding) tokens.
   ``train.fast_dropout`` (:mod:`fedtune.dropout`: cheaper masks, another random sample), with
   transformers' SDPA attention instead of :mod:`fedtune.models.attention` (``ours_b8_sdpa``), with
   peft's own LoRA dropout path (torch's dropout on the input cast to fp32) instead of
-  :class:`fedtune.dropout.MaskDropout` (``ours_b8_peft_dropout``; the same numbers), in the precision
+  :class:`fedtune.dropout.MaskDropout` (``ours_b8_peft_dropout``; the same numbers), on padded
+  batches instead of :mod:`fedtune.padding_free`'s packed rows (``ours_b8_padded``; the SDPA arm
+  runs padded batches too: packed rows need fedtune's attention), in the precision
   ``auto`` did *not* pick (bf16 where it is emulated, fp32 where bf16 is native); where auto is
   bf16, also bf16 autocast over the fp32 base (``ours_b8_fp32_base``: what storing the frozen base
   in bf16 buys).
@@ -218,7 +220,8 @@ def _peft_dropout():
 
 class OursArm(Arm):
     def __init__(self, name, pm, params, init, ds, pad_id, lr, seed, *, batch_size, precision, group=True,
-                 label_logits=True, dropout=True, fast_dropout=False, attention=None, peft_dropout=False):
+                 label_logits=True, dropout=True, fast_dropout=False, attention=None, peft_dropout=False,
+                 padding_free=True):
         import torch
 
         from fedtune.hardware import resolve_precision
@@ -231,7 +234,7 @@ class OursArm(Arm):
         super().__init__(name, pm, params, init, ds)
         self.bs, self.pad_id = batch_size, pad_id
         self.tcfg = TrainConfig(batch_size=batch_size, precision=precision, group_by_length=group, lr=lr,
-                                fast_dropout=fast_dropout)
+                                fast_dropout=fast_dropout, padding_free=padding_free)
         self.stream = BatchStream(ds.lengths, batch_size, seed, group)
         self.twin = BatchStream(ds.lengths, batch_size, seed, group)  # same batches, for padding stats
         self.opt = make_optimizer(params, self.tcfg)
@@ -240,7 +243,7 @@ class OursArm(Arm):
         self.label_logits, self.dropout = label_logits, dropout
         self.attention, self.peft_dropout = attention, peft_dropout
         self.settings = {"trainer": "fedtune.training.train_local", "batch_size": batch_size, "lora_dropout": dropout,
-                         "fast_dropout": fast_dropout, "precision": precision, "group_by_length": group, "max_grad_norm": self.tcfg.max_grad_norm,
+                         "fast_dropout": fast_dropout, "padding_free": padding_free, "precision": precision, "group_by_length": group, "max_grad_norm": self.tcfg.max_grad_norm,
                          "lm_head_on_labelled_positions_only": label_logits,
                          "attention": attention or pm.get_base_model().config._attn_implementation,
                          "lora_dropout_path": "peft (nn.Dropout, fp32 cast)" if peft_dropout else "fedtune.dropout",
@@ -414,6 +417,7 @@ def main() -> None:
                     auto_arm("ours_b8_fast_dropout", fast_dropout=True),
                     auto_arm("ours_b8_sdpa", attention="sdpa"),
                     auto_arm("ours_b8_peft_dropout", peft_dropout=True),
+                    auto_arm("ours_b8_padded", padding_free=False),
                 ]
                 if pm_auto is not pm:  # what storing the frozen base in bf16 buys: autocast over fp32 weights
                     arms.append(OursArm("ours_b8_fp32_base", pm, params, init, ds, pad, lr, seed=1, batch_size=8,

@@ -147,6 +147,10 @@ class TrainConfig(_Section):
     #: (:mod:`fedtune.dropout`): faster masks, p rounded to a multiple of 2^-16, other random
     #: numbers than the default (a different, equally valid sample of the same run).
     fast_dropout: bool = False
+    #: run each batch's real tokens only, as one row, attention in the padded layout
+    #: (:mod:`fedtune.padding_free`): the padded batch's numbers without compute on its padding.
+    #: Applies where fedtune's CPU training attention runs and the model passes a one-time check.
+    padding_free: bool = True
     #: recompute each transformer block's activations in the backward instead of keeping them
     #: (transformers' gradient checkpointing, non-reentrant; the RNG state is replayed, so the
     #: gradients are the same): activation memory for about a third more compute, for long sequences.

@@ -44,11 +44,12 @@ devices torch's own (fast) dropout runs unchanged.
 from __future__ import annotations
 
 import contextlib
+import math
 from collections.abc import Iterator
 
 import torch
 
-from fedtune import mt_bernoulli
+from fedtune import mt_bernoulli, padding_free
 
 _LANES = 65536  # 16-bit uniforms
 
@@ -72,11 +73,14 @@ class FastDropout(torch.nn.Module):
             return x
         if x.device.type != "cpu":
             return torch.nn.functional.dropout(x, self.p, True)
-        n = x.numel()
+        keep = padding_free.padded_draw(x, self._keep)
+        return x * keep.view(torch.uint8) * self.scale
+
+    def _keep(self, shape: tuple[int, ...]) -> torch.Tensor:
+        n = math.prod(shape)
         words = torch.empty((n + 3) // 4, dtype=torch.int64).random_(-(2**63), None)
         # int16 lanes are u - 32768: keep u >= cut
-        keep = words.view(torch.int16)[:n].view(x.shape) >= self.cut - _LANES // 2
-        return x * keep.view(torch.uint8) * self.scale
+        return words.view(torch.int16)[:n].view(shape) >= self.cut - _LANES // 2
 
 
 class MaskDropout(torch.nn.Module):
@@ -98,11 +102,18 @@ class MaskDropout(torch.nn.Module):
             return x
         if self.p == 1:
             return x * 0.0
-        if x.device.type == "cpu" and x.is_contiguous() and mt_bernoulli.available():
-            keep = mt_bernoulli.bernoulli_keep(tuple(x.shape), 1 - self.p)  # the same draws, compiled
-        else:
-            keep = torch.empty_like(x, dtype=torch.bool).bernoulli_(1 - self.p)
+        keep = padding_free.padded_draw(x, lambda shape: self._keep(x, shape))
         return x.mul(self.scale).mul_(keep.view(torch.uint8))  # bytes: torch's bool reads are not vectorised
+
+    def _keep(self, x: torch.Tensor, shape: tuple[int, ...]) -> torch.Tensor:
+        """torch's draws for ``x`` (``shape`` is ``x``'s), or for the contiguous padded batch of a
+        packed row ``x`` (:func:`fedtune.padding_free.padded_draw`)."""
+        contiguous = x.is_contiguous() or shape != tuple(x.shape)
+        if x.device.type == "cpu" and contiguous and mt_bernoulli.available():
+            return mt_bernoulli.bernoulli_keep(shape, 1 - self.p)  # the same draws, compiled
+        if shape != tuple(x.shape):
+            return torch.empty(shape, dtype=torch.bool, device=x.device).bernoulli_(1 - self.p)
+        return torch.empty_like(x, dtype=torch.bool).bernoulli_(1 - self.p)
 
 
 def set_lora_dropout(model: torch.nn.Module, fast: bool) -> int:

@@ -39,6 +39,8 @@ from collections.abc import Callable, Iterator
 import torch
 import torch.nn.functional as F
 
+from fedtune.utils import close_enough, eval_mode
+
 log = logging.getLogger(__name__)
 
 #: rows of logits per chunk. On a 2-core AMX Xeon (800 labelled rows x 49,152 tokens, bf16, forward +
@@ -138,10 +140,12 @@ def _bypassed(head: torch.nn.Module) -> Iterator[None]:
 def head_hidden(forward: Callable, model: torch.nn.Module, batch: dict[str, torch.Tensor],
                 keep: torch.Tensor) -> torch.Tensor:
     """The hidden states the LM head sees at the positions ``keep`` marks, ``(num_kept, d)``.
-    ``forward`` is what the caller trains through (the model, or its DDP wrapper)."""
+    ``forward`` is what the caller trains through (the model, or its DDP wrapper); ``batch`` holds
+    the model's inputs (``labels`` there are not passed on)."""
     head = _head(model)
+    inputs = {k: v for k, v in batch.items() if k != "labels"}
     with _bypassed(head):
-        out = forward(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], logits_to_keep=keep)
+        out = forward(**inputs, logits_to_keep=keep)
     return out.logits
 
 
@@ -188,18 +192,11 @@ def _same_logits(model: torch.nn.Module, head: torch.nn.Linear) -> bool:
     ids = torch.tensor([[1, 2, 3], [4, 5, 6]], device=device)
     keep = torch.tensor([[False, True, True], [True, False, True]], device=device)
     batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
-    modes = [(m, m.training) for m in model.modules()]
-    model.eval()
     try:
-        want = model(**batch, logits_to_keep=keep).logits
-        h = head_hidden(model, model, batch, keep)
-        got = F.linear(h, head.weight, head.bias)
+        with eval_mode(model):
+            want = model(**batch, logits_to_keep=keep).logits
+            h = head_hidden(model, model, batch, keep)
+            got = F.linear(h, head.weight, head.bias)
     except (IndexError, RuntimeError, TypeError, ValueError):
         return False
-    finally:
-        for m, training in modes:
-            m.training = training
-    if got.shape != want.shape:
-        return False
-    eps = max(torch.finfo(want.dtype).eps, 1e-5)
-    return bool((got.float() - want.float()).abs().max() <= 16 * eps * (1 + want.float().abs().max()))
+    return close_enough(got, want, max(torch.finfo(want.dtype).eps, 1e-5))

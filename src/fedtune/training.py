@@ -22,12 +22,13 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from fedtune import padding_free
 from fedtune.config import TrainConfig
 from fedtune.dropout import lora_input_casts_off, set_lora_dropout
 from fedtune.errors import FedtuneError
 from fedtune.hardware import resolve_precision
 from fedtune.head_loss import chunked_head_applies, head_loss
-from fedtune.utils import derive_seed
+from fedtune.utils import close_enough, derive_seed, eval_mode
 
 if TYPE_CHECKING:
     from fedtune.distributed import DataParallel
@@ -243,25 +244,19 @@ def keeps_logits(model: torch.nn.Module, keep: torch.Tensor) -> bool:
         return False
     ids = torch.tensor([[1, 2, 3], [4, 5, 6]], device=next(model.parameters()).device)
     keep = keep.to(ids.device)
-    modes = [(m, m.training) for m in model.modules()]  # restored module by module: they may differ
-    model.eval()  # no dropout: both calls must compute the same thing
     try:
-        full = model(input_ids=ids).logits
-        part = model(input_ids=ids, logits_to_keep=keep).logits
+        with eval_mode(model):  # no dropout: both calls must compute the same thing
+            full = model(input_ids=ids).logits
+            part = model(input_ids=ids, logits_to_keep=keep).logits
     except (IndexError, RuntimeError, TypeError, ValueError):  # how older indexing fails on it
         return False
-    finally:
-        for m, training in modes:
-            m.training = training
-    want = (full[keep] if keep.dtype == torch.bool else torch.take_along_dim(full, keep[..., None], dim=1)).float()
-    if part.shape != want.shape:
-        return False
+    want = full[keep] if keep.dtype == torch.bool else torch.take_along_dim(full, keep[..., None], dim=1)
     # the same rows through the LM head, in another batch shape: equal up to rounding of its dtype
-    eps = max(torch.finfo(full.dtype).eps, 1e-5)
-    return bool((part.float() - want).abs().max() <= 16 * eps * (1 + want.abs().max()))
+    return close_enough(part, want, max(torch.finfo(full.dtype).eps, 1e-5))
 
 
-def lm_loss(forward: Callable, batch: dict[str, torch.Tensor], label_logits_only: bool) -> torch.Tensor:
+def lm_loss(forward: Callable, batch: dict[str, torch.Tensor], label_logits_only: bool,
+            layout: padding_free.Layout | None = None) -> torch.Tensor:
     """Mean next-token loss over the labelled tokens of ``batch`` (HF's causal-LM loss).
 
     With ``label_logits_only`` the vocabulary projection runs only where position t predicts a
@@ -271,7 +266,9 @@ def lm_loss(forward: Callable, batch: dict[str, torch.Tensor], label_logits_only
     same mean over the same tokens. Neither transformers nor peft does this for training, so it
     is written here. Where the model's head is a plain frozen linear layer the kept positions go
     through :mod:`fedtune.head_loss` (row chunks, gradient taken in the forward), so not even the
-    kept positions' logits exist at once.
+    kept positions' logits exist at once. With a ``layout`` (:mod:`fedtune.padding_free`, label
+    logits only, run inside ``padding_free.active(layout)``) the model runs on the batch's real
+    tokens as one row; the kept positions and targets are the padded batch's, in the same order.
     """
     if not label_logits_only:
         return forward(**batch).loss
@@ -279,10 +276,13 @@ def lm_loss(forward: Callable, batch: dict[str, torch.Tensor], label_logits_only
     keep = torch.zeros_like(labels, dtype=torch.bool)
     keep[:, :-1] = labels[:, 1:] != IGNORE
     targets = labels[:, 1:][keep[:, :-1]]
+    inputs = {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}
+    if layout is not None:
+        inputs, keep = padding_free.packed_inputs(batch, layout), layout.unpad(keep[..., None]).view(1, -1)
     model = forward.module if isinstance(forward, torch.nn.parallel.DistributedDataParallel) else forward
     if chunked_head_applies(model):
-        return head_loss(forward, model, batch, keep, targets)  # chunked: no full logits tensor
-    out = forward(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], logits_to_keep=keep)
+        return head_loss(forward, model, inputs, keep, targets)  # chunked: no full logits tensor
+    out = forward(**inputs, logits_to_keep=keep)
     return F.cross_entropy(out.logits.float(), targets)
 
 
@@ -348,6 +348,8 @@ def train_local(
     world = parallel.world if parallel is not None else 1
     forward = parallel.model if parallel is not None else model
     label_only = label_logits_supported(model)
+    packs = cfg.padding_free and label_only and padding_free.supported(model)
+    window = padding_free.window_of(model)
     stats = TrainStats()
     set_lora_dropout(model, cfg.fast_dropout)
     set_gradient_checkpointing(model, cfg.gradient_checkpointing)
@@ -378,12 +380,13 @@ def train_local(
             if n == 0 and parallel is None:
                 continue
             sync = parallel.no_sync(last=j == len(batches) - 1) if parallel is not None else nullcontext()
-            with sync:
+            layout = padding_free.plan(batch["attention_mask"], window) if packs and n else None
+            with sync, padding_free.active(layout):  # the layout also serves a checkpointed backward
                 with autocast_context(cfg.precision, device, model):
                     if n == 0:  # clustered mode: keep in step with the other ranks, contribute nothing
                         mean = forward(**batch).logits.float().sum() * 0.0
                     else:
-                        mean = lm_loss(forward, batch, label_only).float()
+                        mean = lm_loss(forward, batch, label_only, layout).float()
                 if n:
                     # Exact token-level mean over the whole accumulation group (all ranks).
                     loss = mean * (n / total * world)

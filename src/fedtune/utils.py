@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import random
 import tempfile
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -118,3 +119,26 @@ def resolve_device(name: str, setting: str = "device") -> torch.device:
     if backend is None or not getattr(backend, "is_available", lambda: False)():
         raise FedtuneError(f"{setting}={name}: no such device is available on this machine; use cpu or auto")
     return dev
+
+
+@contextlib.contextmanager
+def eval_mode(model: torch.nn.Module) -> Iterator[None]:
+    """``model`` in eval mode (no dropout) inside the block; each module's own training flag is
+    restored on exit (they may differ module by module). For the one-time capability checks that
+    run a model twice and compare."""
+    modes = [(m, m.training) for m in model.modules()]
+    model.eval()
+    try:
+        yield
+    finally:
+        for m, training in modes:
+            m.training = training
+
+
+def close_enough(got: torch.Tensor, want: torch.Tensor, eps: float) -> bool:
+    """Same shape and equal up to 16 ``eps`` relative to ``want``'s largest magnitude (the rounding
+    of one computation done in two batch shapes)."""
+    if got.shape != want.shape:
+        return False
+    got, want = got.float(), want.float()
+    return bool((got - want).abs().max() <= 16 * eps * (1 + want.abs().max()))

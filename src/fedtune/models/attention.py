@@ -31,7 +31,9 @@ layer forward and backward read 0.95x at 192 tokens, 1.03x at 256, 1.08x at 384 
 head's query heads folded into its rows — 0.81x SDPA at 256 tokens, 0.83x at 384, and a smaller
 dK/dV error — up to :data:`MAX_FOLDED_BIAS_BYTES` of folded mask bias (G times the bias SDPA
 builds). Everything else (fp32, inference, generation, GPUs, multi-head models' long sequences,
-longer ones still) goes to transformers' own SDPA function unchanged.
+longer ones still) goes to transformers' own SDPA function unchanged. A packed row of a
+padding-free batch (:mod:`fedtune.padding_free`) is first put back into its padded layout, so every
+path above sees the batch it would have seen padded.
 """
 
 from __future__ import annotations
@@ -39,6 +41,8 @@ from __future__ import annotations
 import logging
 
 import torch
+
+from fedtune import padding_free
 
 log = logging.getLogger(__name__)
 
@@ -230,6 +234,9 @@ def training_attention(module: torch.nn.Module, query: torch.Tensor, key: torch.
     SDPA function everywhere else."""
     from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
+    layout = padding_free.current()
+    if layout is not None and layout.holds(query, 2) and layout.holds(key, 2):
+        return _repadded(layout, module, query, key, value, dropout, scaling, is_causal, kwargs)
     short = _fits(query, key)
     if not _eligible(query, key, attention_mask, dropout, kwargs) or not (short or _folds(query, key, attention_mask)):
         return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
@@ -241,6 +248,18 @@ def training_attention(module: torch.nn.Module, query: torch.Tensor, key: torch.
     kind = GroupedAttention if short else FoldedFlashAttention  # long grouped-query sequences: folded flash
     out = kind.apply(query, key, value, attention_mask, scale)
     return out.transpose(1, 2).contiguous(), None  # (B, T, H, d), as transformers' functions return
+
+
+def _repadded(layout: padding_free.Layout, module: torch.nn.Module, query: torch.Tensor, key: torch.Tensor,
+              value: torch.Tensor, dropout: float, scaling: float | None, is_causal: bool | None, kwargs: dict):
+    """A packed row's attention (:mod:`fedtune.padding_free`): its queries, keys and values
+    ``(1, H, width, d)`` put back into the padded ``(B, H, T, d)`` layout, attended with the padded
+    batch's own mask, the output ``(1, width, H, d)`` gathered from the real positions (and, for the
+    row's fillers, from a pad position)."""
+    q, k, v = (layout.pad(x[0].transpose(0, 1)).transpose(1, 2) for x in (query, key, value))
+    out, _ = training_attention(module, q, k, v, layout.keep, dropout=dropout, scaling=scaling,
+                                is_causal=is_causal, **kwargs)
+    return layout.unpad(out)[None], None
 
 
 def _folds(q: torch.Tensor, k: torch.Tensor, mask: torch.Tensor | None) -> bool:
