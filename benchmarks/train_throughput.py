@@ -30,7 +30,8 @@ real (non-padding) tokens.
   ``train.fast_dropout`` (:mod:`fedtune.dropout`: cheaper masks, another random sample), with
   transformers' SDPA attention instead of :mod:`fedtune.models.attention` (``ours_b8_sdpa``), with
   peft's own LoRA dropout path (torch's dropout on the input cast to fp32) instead of
-  :class:`fedtune.dropout.MaskDropout` (``ours_b8_peft_dropout``; the same numbers), on padded
+  :class:`fedtune.dropout.MaskDropout` and peft's LoRA forward (``ours_b8_peft_dropout``), with peft's
+  LoRA forward instead of :mod:`fedtune.lora_forward`'s folded scales (``ours_b8_peft_forward``), on padded
   batches instead of :mod:`fedtune.padding_free`'s packed rows (``ours_b8_padded``; the SDPA arm
   runs padded batches too: packed rows need fedtune's attention), in the precision
   ``auto`` did *not* pick (bf16 where it is emulated, fp32 where bf16 is native); where auto is
@@ -214,14 +215,21 @@ def _peft_dropout():
                         drops[k] = torch.nn.Dropout(d.p).train(d.training)
 
     with mock.patch("fedtune.training.set_lora_dropout", torch_dropout), \
-            mock.patch("fedtune.training.lora_input_casts_off", lambda model: contextlib.nullcontext()):
+            mock.patch("fedtune.training.lora_input_casts_off", lambda model: contextlib.nullcontext()), \
+            _peft_lora_forward():
         yield
+
+
+def _peft_lora_forward():
+    """train_local with peft's own LoRA forward (dropout scale and LoRA scaling on the full-width
+    input and output) instead of fedtune.lora_forward's folded one."""
+    return mock.patch("fedtune.training.folded_scales", lambda model: contextlib.nullcontext())
 
 
 class OursArm(Arm):
     def __init__(self, name, pm, params, init, ds, pad_id, lr, seed, *, batch_size, precision, group=True,
                  label_logits=True, dropout=True, fast_dropout=False, attention=None, peft_dropout=False,
-                 padding_free=True):
+                 padding_free=True, peft_forward=False):
         import torch
 
         from fedtune.hardware import resolve_precision
@@ -241,12 +249,13 @@ class OursArm(Arm):
         self.step = 0
         self.device = torch.device("cpu")
         self.label_logits, self.dropout = label_logits, dropout
-        self.attention, self.peft_dropout = attention, peft_dropout
+        self.attention, self.peft_dropout, self.peft_forward = attention, peft_dropout, peft_forward
         self.settings = {"trainer": "fedtune.training.train_local", "batch_size": batch_size, "lora_dropout": dropout,
                          "fast_dropout": fast_dropout, "padding_free": padding_free, "precision": precision, "group_by_length": group, "max_grad_norm": self.tcfg.max_grad_norm,
                          "lm_head_on_labelled_positions_only": label_logits,
                          "attention": attention or pm.get_base_model().config._attn_implementation,
                          "lora_dropout_path": "peft (nn.Dropout, fp32 cast)" if peft_dropout else "fedtune.dropout",
+                         "lora_forward": "peft" if peft_dropout or peft_forward else "fedtune.lora_forward (folded scales)",
                          "base_dtype": str(next(pm.get_base_model().parameters()).dtype)}
 
     def _train(self, n):
@@ -263,7 +272,8 @@ class OursArm(Arm):
             mock.patch("fedtune.training.label_logits_supported", lambda model: False)
         attn = _attention(self.pm, self.attention) if self.attention else contextlib.nullcontext()
         drop = _peft_dropout() if self.peft_dropout else contextlib.nullcontext()
-        with full, attn, drop, (contextlib.nullcontext() if self.dropout else _no_lora_dropout(self.pm)):
+        fwd = _peft_lora_forward() if self.peft_forward else contextlib.nullcontext()
+        with full, attn, drop, fwd, (contextlib.nullcontext() if self.dropout else _no_lora_dropout(self.pm)):
             stats = train_local(self.pm, self.ds, self.stream, self.opt, self.tcfg, steps=steps,
                                 start_step=self.step, total_steps=10**9, pad_id=self.pad_id, device=self.device)
         self.step += steps
@@ -417,6 +427,7 @@ def main() -> None:
                     auto_arm("ours_b8_fast_dropout", fast_dropout=True),
                     auto_arm("ours_b8_sdpa", attention="sdpa"),
                     auto_arm("ours_b8_peft_dropout", peft_dropout=True),
+                    auto_arm("ours_b8_peft_forward", peft_forward=True),
                     auto_arm("ours_b8_padded", padding_free=False),
                 ]
                 if pm_auto is not pm:  # what storing the frozen base in bf16 buys: autocast over fp32 weights

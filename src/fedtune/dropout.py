@@ -69,12 +69,18 @@ class FastDropout(torch.nn.Module):
         return f"p={self.p}, effective_p={self.cut / _LANES:.7f}"
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        masked, scale = self.masked(x)
+        return masked if scale == 1.0 else masked.mul_(scale)
+
+    def masked(self, x: torch.Tensor) -> tuple[torch.Tensor, float]:
+        """``x`` times this call's 0/1 mask (exact), and the scale the kept elements still take:
+        ``forward`` is their product; :mod:`fedtune.lora_forward` applies the scale elsewhere."""
         if not self.training or self.cut == 0:
-            return x
+            return x, 1.0
         if x.device.type != "cpu":
-            return torch.nn.functional.dropout(x, self.p, True)
+            return torch.nn.functional.dropout(x, self.p, True), 1.0
         keep = padding_free.padded_draw(x, self._keep)
-        return x * keep.view(torch.uint8) * self.scale
+        return x * keep.view(torch.uint8), self.scale
 
     def _keep(self, shape: tuple[int, ...]) -> torch.Tensor:
         n = math.prod(shape)
@@ -98,12 +104,21 @@ class MaskDropout(torch.nn.Module):
         return f"p={self.p}"
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        masked, scale = self.masked(x)
+        # (x · mask) · c is (x · c) · mask bit for bit: the 0/1 product is exact, and either way a
+        # kept element is x · c rounded once and a dropped one a zero with x's sign
+        return masked if scale == 1.0 else masked.mul_(scale)
+
+    def masked(self, x: torch.Tensor) -> tuple[torch.Tensor, float]:
+        """``x`` times this call's keep mask (a 0/1 product: exact), and the scale ``1 / (1 - p)``
+        the kept elements still take: ``forward`` is their product; :mod:`fedtune.lora_forward`
+        applies the scale once, on the rank-r activation."""
         if not self.training or self.p == 0 or x.numel() == 0:
-            return x
+            return x, 1.0
         if self.p == 1:
-            return x * 0.0
+            return x * 0.0, 1.0
         keep = padding_free.padded_draw(x, lambda shape: self._keep(x, shape))
-        return x.mul(self.scale).mul_(keep.view(torch.uint8))  # bytes: torch's bool reads are not vectorised
+        return x * keep.view(torch.uint8), self.scale  # bytes: torch's bool reads are not vectorised
 
     def _keep(self, x: torch.Tensor, shape: tuple[int, ...]) -> torch.Tensor:
         """torch's draws for ``x`` (``shape`` is ``x``'s), or for the contiguous padded batch of a

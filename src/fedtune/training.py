@@ -28,6 +28,7 @@ from fedtune.dropout import lora_input_casts_off, set_lora_dropout
 from fedtune.errors import FedtuneError
 from fedtune.hardware import resolve_precision
 from fedtune.head_loss import chunked_head_applies, head_loss
+from fedtune.lora_forward import folded_scales
 from fedtune.utils import close_enough, derive_seed, eval_mode
 
 if TYPE_CHECKING:
@@ -381,7 +382,8 @@ def train_local(
                 continue
             sync = parallel.no_sync(last=j == len(batches) - 1) if parallel is not None else nullcontext()
             layout = padding_free.plan(batch["attention_mask"], window) if packs and n else None
-            with sync, padding_free.active(layout):  # the layout also serves a checkpointed backward
+            # the layout and the folded LoRA scales also serve a checkpointed backward's recompute
+            with sync, padding_free.active(layout), folded_scales(model):
                 with autocast_context(cfg.precision, device, model):
                     if n == 0:  # clustered mode: keep in step with the other ranks, contribute nothing
                         mean = forward(**batch).logits.float().sum() * 0.0
