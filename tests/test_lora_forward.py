@@ -28,6 +28,15 @@ def _toy(p: float = 0.3, dora: bool = False):
     return pm.train()
 
 
+def _bf16_base(pm):
+    """``pm`` with its frozen base in bf16 and its adapters in fp32 (how fedtune trains on bf16)."""
+    pm.base_model.model.to(torch.bfloat16)
+    for n, w in pm.named_parameters():
+        if "lora_" in n:
+            w.data = w.data.float()
+    return pm
+
+
 def _run(pm, x, folded: bool, seed: int = 3):
     """Output, input gradient and adapter gradients of one forward/backward, and the generator's
     next draws (the same masks leave it in the same state)."""
@@ -84,11 +93,7 @@ def test_bf16_autocast_is_as_close_to_float64_as_peft():
     pm64 = _toy().double()
     x = torch.randn(512, 24, dtype=torch.float64)
     exact = _run(pm64, x, folded=False)
-    pm = _toy()
-    pm.base_model.model.to(torch.bfloat16)
-    for n, w in pm.named_parameters():
-        if "lora_" in n:
-            w.data = w.data.float()
+    pm = _bf16_base(_toy())
 
     def bf16(folded):
         with torch.autocast("cpu", dtype=torch.bfloat16), lora_input_casts_off(pm):
@@ -133,11 +138,7 @@ def test_installed_for_the_block_only_and_others_forwards_left_alone():
 
 
 def test_a_16_bit_base_without_autocast_casts_the_adapters_input_as_peft_does():
-    pm = _toy()
-    pm.base_model.model.to(torch.bfloat16)
-    for n, w in pm.named_parameters():
-        if "lora_" in n:
-            w.data = w.data.float()
+    pm = _bf16_base(_toy())
     x = torch.randn(64, 24).bfloat16()
     ref, ours = _run(pm, x, folded=False), _run(pm, x, folded=True)
     assert ours[0].dtype == ref[0].dtype == torch.bfloat16

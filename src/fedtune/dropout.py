@@ -54,7 +54,21 @@ from fedtune import mt_bernoulli, padding_free
 _LANES = 65536  # 16-bit uniforms
 
 
-class FastDropout(torch.nn.Module):
+class _MaskThenScale(torch.nn.Module):
+    """Dropout as ``masked(x)`` — the input times a 0/1 mask, and the scale still owed — then that
+    scale: :mod:`fedtune.lora_forward` calls ``masked`` alone and applies the scale elsewhere."""
+
+    def masked(self, x: torch.Tensor) -> tuple[torch.Tensor, float]:
+        raise NotImplementedError
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        masked, scale = self.masked(x)
+        # (x · mask) · c is (x · c) · mask bit for bit: the 0/1 product is exact, and either way a
+        # kept element is x · c rounded once and a dropped one a zero with x's sign
+        return masked if scale == 1.0 else masked.mul_(scale)
+
+
+class FastDropout(_MaskThenScale):
     """Inverted dropout with 16-bit uniforms, four per 64-bit draw (see the module docstring)."""
 
     def __init__(self, p: float):
@@ -67,10 +81,6 @@ class FastDropout(torch.nn.Module):
 
     def extra_repr(self) -> str:
         return f"p={self.p}, effective_p={self.cut / _LANES:.7f}"
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        masked, scale = self.masked(x)
-        return masked if scale == 1.0 else masked.mul_(scale)
 
     def masked(self, x: torch.Tensor) -> tuple[torch.Tensor, float]:
         """``x`` times this call's 0/1 mask (exact), and the scale the kept elements still take:
@@ -89,7 +99,7 @@ class FastDropout(torch.nn.Module):
         return words.view(torch.int16)[:n].view(shape) >= self.cut - _LANES // 2
 
 
-class MaskDropout(torch.nn.Module):
+class MaskDropout(_MaskThenScale):
     """torch's inverted dropout, the same draws and values, the mask kept as booleans (module docstring)."""
 
     def __init__(self, p: float):
@@ -102,12 +112,6 @@ class MaskDropout(torch.nn.Module):
 
     def extra_repr(self) -> str:
         return f"p={self.p}"
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        masked, scale = self.masked(x)
-        # (x · mask) · c is (x · c) · mask bit for bit: the 0/1 product is exact, and either way a
-        # kept element is x · c rounded once and a dropped one a zero with x's sign
-        return masked if scale == 1.0 else masked.mul_(scale)
 
     def masked(self, x: torch.Tensor) -> tuple[torch.Tensor, float]:
         """``x`` times this call's keep mask (a 0/1 product: exact), and the scale ``1 / (1 - p)``
